@@ -45,9 +45,10 @@ class SolveSpec:
     def autocast(self) -> torch.autocast:
         """The precision context of the field: the caller's autocast, without its weight cache.
 
-        The cache is off because a cached 16-bit weight made in this no-grad forward would carry
-        no gradient into later code of the same autocast region, and because in the backward a
-        cached copy would sum the weight gradients of all stages in 16-bit.
+        With the cache, the backward would share one 16-bit copy of each weight between the stages
+        of a step and sum their weight gradients in 16-bit before the cast back; without it, each
+        stage's weight gradient reaches the fp32 accumulator on its own. (The no-grad forward does
+        not use the cache either way.) Cost: one cast per weight per stage.
         """
         return torch.autocast(
             self.device_type,
