@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
-_OPTION_KEYS = ("step_size", "state_dtype")
+_OPTION_KEYS = ("step_size", "state_dtype", "storage")
+_STORAGE = ("states", "activations")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -44,10 +45,12 @@ def odeint(
         method: ``euler``, ``midpoint``, ``heun2`` (``heun``, ``rk2``), ``heun3``, ``rk4``
             (torchdiffeq's 3/8 rule) or ``rk4_classic``.
         options: ``step_size`` (steps on a uniform grid from ``t[0]``, outputs linearly
-            interpolated, as torchdiffeq does) and ``state_dtype`` (dtype of the states kept for
-            the backward: ``None`` keeps the solution itself, no extra memory; ``"low"`` or a
-            16-bit dtype keeps a 16-bit copy, useful when ``step_size`` makes many more steps than
-            outputs).
+            interpolated, as torchdiffeq does); ``storage``: ``"states"`` (default: keep the
+            states, recompute each step's stages in the backward; 4s evaluation units per step)
+            or ``"activations"`` (keep each step's 16-bit activations; 3s units, more memory);
+            ``state_dtype`` (with ``"states"``: ``None`` keeps the solution itself, no extra
+            memory; ``"low"`` or a 16-bit dtype keeps a 16-bit copy, useful when ``step_size``
+            makes many more steps than outputs).
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
             ``nn.Module``, and must be given (``()`` for none) for any other callable.
         loss_scaler: a ``DynamicScaler`` for the fp16 adjoint, kept across calls; a fresh one per
@@ -57,13 +60,14 @@ def odeint(
         The solution at ``t``: shape ``(len(t), *y0.shape)`` (a tuple for a tuple ``y0``), in the
         accumulation dtype.
 
-    Cost: ``s`` field evaluations per step forward; backward recomputes them and takes ``s``
-    vector-Jacobian products per step. Memory: the ``N+1`` states, plus one step's activations.
+    Cost: ``s`` field evaluations per step forward; backward recomputes them (unless
+    ``storage="activations"``) and takes ``s`` vector-Jacobian products per step. Memory: the
+    ``N+1`` states plus one step's activations (or every step's 16-bit activations).
     """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     tableau = get_tableau(method)
-    step_size, state_dtype_opt = _check_options(options)
+    step_size, state_dtype_opt, storage = _check_options(options)
     y0_flat, shapes = _flatten_state(y0)
     device_type = y0_flat.device.type
     acc_dtype = torch.promote_types(y0_flat.dtype, torch.float32)
@@ -88,6 +92,7 @@ def odeint(
         acc_dtype=acc_dtype,
         state_dtype=state_dtype,
         scaler=loss_scaler,
+        keep_activations=storage == "activations",
     )
     log.debug(
         "rampde.odeint: %s, %d steps, field in %s, state in %s, stored in %s",
@@ -101,9 +106,9 @@ def odeint(
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any]:
+def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str]:
     if options is None:
-        return None, None
+        return None, None, "states"
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict with keys among {_OPTION_KEYS}, got {type(options).__name__}")
     unknown = sorted(set(options) - set(_OPTION_KEYS))
@@ -122,7 +127,15 @@ def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any]:
         if not (math.isfinite(step_size) and step_size > 0):
             raise ValueError(f"options['step_size'] must be positive and finite, got {step_size}")
         step_size = float(step_size)
-    return step_size, options.get("state_dtype")
+    storage = options.get("storage", "states")
+    if storage not in _STORAGE:
+        raise ValueError(f"options['storage'] must be one of {list(_STORAGE)}, got {storage!r}")
+    if storage == "activations" and options.get("state_dtype") is not None:
+        raise ValueError(
+            "options['state_dtype'] applies to storage='states' only: with storage='activations' the "
+            "backward uses the kept activations, not stored states"
+        )
+    return step_size, options.get("state_dtype"), storage
 
 
 def _flatten_state(y0: State) -> tuple[torch.Tensor, tuple[torch.Size, ...] | None]:

@@ -10,7 +10,9 @@ the stored state with a graph of that one step only, and one ``torch.autograd.gr
 the vector-Jacobian products of all stages in low precision; the adjoint, the parameter gradients
 and the time gradients are accumulated in fp32. Cost per step: ``s`` evaluations forward, ``s``
 recomputed and ``s`` vjps (about 4s evaluation units against 3s for backprop through the solver).
-With fp16 the cotangents are scaled by a power of two per step (see ``scaling``); one flag is read
+With ``keep_activations`` (the "activations" storage) the forward keeps each step's graph
+instead, its activations in 16-bit, and the backward skips the recomputation: about 3s units of
+work, at the memory of the 16-bit activations. With fp16 the cotangents are scaled by a power of two per step (see ``scaling``); one flag is read
 on the host per backward, and an overflowed backward is redone with a lower scale.
 """
 
@@ -41,20 +43,25 @@ class SolveSpec:
     acc_dtype: torch.dtype
     state_dtype: torch.dtype  # dtype in which the trajectory is kept for the backward
     scaler: DynamicScaler | None
+    keep_activations: bool = False  # "activations" storage: keep each step's 16-bit graph
 
     def autocast(self) -> torch.autocast:
-        """The precision context of the field: the caller's autocast, without its weight cache.
+        """The precision context of the field: the caller's autocast, with its weight cache only
+        when whole steps' graphs are kept.
 
-        With the cache, the backward would share one 16-bit copy of each weight between the stages
-        of a step and sum their weight gradients in 16-bit before the cast back; without it, each
-        stage's weight gradient reaches the fp32 accumulator on its own. (The no-grad forward does
-        not use the cache either way.) Cost: one cast per weight per stage.
+        Recomputing (the default), the cache is off: it would share one 16-bit copy of each
+        weight between the stages of a step and sum their weight gradients in 16-bit before the
+        cast back, whereas without it each stage's weight gradient reaches the fp32 accumulator on
+        its own (the no-grad forward does not use the cache either way); cost: one cast per
+        weight per stage. Keeping activations, the cache is on, so that every step's graph shares
+        one 16-bit copy of each weight instead of holding one per stage; the per-step vjps still
+        bring each step's weight gradient to fp32 on its own.
         """
         return torch.autocast(
             self.device_type,
             dtype=self.autocast_dtype or torch.get_autocast_dtype(self.device_type),
             enabled=self.autocast_dtype is not None,
-            cache_enabled=False,
+            cache_enabled=self.keep_activations,
         )
 
 
@@ -104,6 +111,40 @@ def _weighted(tableau: ButcherTableau) -> list[int]:
     return [j for j, b in enumerate(tableau.b) if b != 0.0]
 
 
+@dataclass
+class _StepGraph:
+    """One step's stages with the autograd graph that leads to them from its leaves."""
+
+    y: torch.Tensor  # leaf: the step's starting state, accumulation dtype
+    t0: torch.Tensor | None  # leaves for the time gradient, when asked for
+    h: torch.Tensor | None
+    ks: list[torch.Tensor]
+
+    def inputs(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.y, *params] + ([self.t0, self.h] if self.t0 is not None else [])
+
+
+def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, state: torch.Tensor,
+                i: int, need_t: bool) -> _StepGraph:
+    """Evaluates step ``i``'s stages from ``state`` with grad enabled (call under ``enable_grad``)."""
+    # ``.data``, not ``.detach()``: an alias with its own version counter, so that the forward's
+    # in-place writes of later states into the trajectory do not invalidate this step's kept graph.
+    y = state.to(spec.acc_dtype).data.requires_grad_(True)
+    if need_t:
+        t0 = grid[i].detach().requires_grad_(True)
+        h = coef.h[i].detach().requires_grad_(True)
+        return _StepGraph(y, t0, h, _stages(spec, y, t0 + h * coef.c, h * coef.a))
+    return _StepGraph(y, None, None, _stages(spec, y, coef.stage_t[i], coef.ha[i]))
+
+
+def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], hb: torch.Tensor,
+            weighted: list[int]) -> None:
+    """``out = y + sum_j hb_j k_j`` in the state's dtype, written in place."""
+    torch.addcmul(y, ks[weighted[0]], hb[weighted[0]], out=out)
+    for j in weighted[1:]:
+        out.addcmul_(ks[j], hb[j])
+
+
 class DiscreteAdjointSolve(torch.autograd.Function):
     """``traj = DiscreteAdjointSolve.apply(spec, grid, y0, *params)``: the states at every grid point."""
 
@@ -113,17 +154,21 @@ class DiscreteAdjointSolve(torch.autograd.Function):
         weighted = _weighted(spec.tableau)
         traj = torch.empty((grid.shape[0], *y0.shape), dtype=spec.acc_dtype, device=y0.device)
         traj[0] = y0
+        graphs: list[_StepGraph] = []
         with spec.autocast():
             for i in range(grid.shape[0] - 1):
-                y = traj[i]
-                ks = _stages(spec, y, coef.stage_t[i], coef.ha[i])
-                out = traj[i + 1]
-                hb = coef.hb[i]
-                torch.addcmul(y, ks[weighted[0]], hb[weighted[0]], out=out)
-                for j in weighted[1:]:
-                    out.addcmul_(ks[j], hb[j])
-        stored = traj if spec.state_dtype == spec.acc_dtype else traj.to(spec.state_dtype)
+                if spec.keep_activations:
+                    with torch.enable_grad():
+                        graph = _build_step(spec, coef, grid, traj[i], i, ctx.needs_input_grad[1])
+                    graphs.append(graph)
+                    ks = [k.detach() for k in graph.ks]
+                else:
+                    ks = _stages(spec, traj[i], coef.stage_t[i], coef.ha[i])
+                _update(traj[i + 1], traj[i], ks, coef.hb[i], weighted)
+        keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype
+        stored = traj if keep_traj else traj.to(spec.state_dtype)
         ctx.spec = spec
+        ctx.graphs = graphs
         ctx.save_for_backward(grid, stored, *params)
         return traj
 
@@ -132,6 +177,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_traj: torch.Tensor):
         spec: SolveSpec = ctx.spec
         grid, stored, *params = ctx.saved_tensors
+        graphs, ctx.graphs = ctx.graphs, None
         need_t = ctx.needs_input_grad[1]
         need_params = ctx.needs_input_grad[3:]
         diff_params = [p for p, need in zip(params, need_params) if need]
@@ -140,7 +186,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
 
         attempt = 0
         while True:
-            grads = _adjoint_sweep(spec, grid, stored, grad_traj, diff_params, need_t)
+            grads = _adjoint_sweep(spec, grid, stored, grad_traj, diff_params, need_t, graphs)
             results_ok = torch.stack([torch.isfinite(g).all() for g in grads.tensors()]).all()
             incoming, states, results = torch.stack([incoming_ok, states_ok, results_ok]).tolist()
             if results or not incoming:
@@ -195,13 +241,19 @@ def _adjoint_sweep(
     grad_traj: torch.Tensor,
     diff_params: list[torch.Tensor],
     need_t: bool,
+    graphs: list[_StepGraph],
 ) -> _SweepResult:
-    """One backward pass over all steps; gradients accumulated in the accumulation dtype."""
+    """One backward pass over all steps; gradients accumulated in the accumulation dtype.
+
+    Each step's graph comes from ``graphs`` (kept by the forward) or is rebuilt from its stored
+    state. Kept graphs are retained through the vjp when a scaler may ask for another attempt.
+    """
     acc = spec.acc_dtype
     tableau = spec.tableau
     weighted = _weighted(tableau)
     coef = _StepCoefficients.build(tableau, grid)
     h_abs = coef.h.abs()
+    retain = bool(graphs) and spec.scaler is not None
 
     adjoint = grad_traj[-1].to(acc, copy=True)
     g_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, acc)) for p in diff_params]
@@ -209,16 +261,8 @@ def _adjoint_sweep(
 
     with spec.autocast(), torch.enable_grad():
         for i in range(grid.shape[0] - 2, -1, -1):
-            y = stored[i].to(acc).detach().requires_grad_(True)
-            if need_t:
-                t0 = grid[i].detach().requires_grad_(True)
-                h = coef.h[i].detach().requires_grad_(True)
-                stage_t, ha = t0 + h * coef.c, h * coef.a
-            else:
-                stage_t, ha = coef.stage_t[i], coef.ha[i]
+            step = graphs[i] if graphs else _build_step(spec, coef, grid, stored[i], i, need_t)
             hb = coef.hb[i]
-            ks = _stages(spec, y, stage_t, ha)
-
             if spec.scaler is not None:
                 scale, inv_scale = spec.scaler.step_scale(adjoint, h_abs[i])
                 cotangent = adjoint * scale
@@ -227,12 +271,12 @@ def _adjoint_sweep(
                 cotangent = adjoint
             outputs, cotangents = [], []
             for j in weighted:
-                if ks[j].requires_grad:
-                    outputs.append(ks[j])
-                    cotangents.append((cotangent * hb[j]).to(ks[j].dtype))
-            inputs = [y, *diff_params] + ([t0, h] if need_t else [])
+                if step.ks[j].requires_grad:
+                    outputs.append(step.ks[j])
+                    cotangents.append((cotangent * hb[j]).to(step.ks[j].dtype))
+            inputs = step.inputs(diff_params)
             if outputs:
-                vjps = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+                vjps = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, retain_graph=retain)
             else:
                 vjps = (None,) * len(inputs)
             if inv_scale is not None:
@@ -242,7 +286,7 @@ def _adjoint_sweep(
                 # y_next = y + h sum_j b_j k_j also depends on h directly.
                 flat_adj = adjoint.reshape(-1)
                 dh_direct = sum(
-                    tableau.b[j] * torch.dot(flat_adj, ks[j].detach().reshape(-1).to(acc)) for j in weighted
+                    tableau.b[j] * torch.dot(flat_adj, step.ks[j].detach().reshape(-1).to(acc)) for j in weighted
                 )
                 dt0, dh = vjps[-2], vjps[-1]
                 dh = dh_direct if dh is None else dh + dh_direct

@@ -113,6 +113,8 @@ def test_tuple_func_returning_the_wrong_structure():
         ({"step_size": -0.1}, ValueError, r"options\['step_size'\] must be positive"),
         ({"step_size": "0.1"}, TypeError, r"options\['step_size'\] must be a positive number"),
         ({"state_dtype": "half-ish"}, ValueError, r"options\['state_dtype'\]"),
+        ({"storage": "graph"}, ValueError, r"options\['storage'\] must be one of"),
+        ({"storage": "activations", "state_dtype": "low"}, ValueError, r"applies to storage='states' only"),
     ],
 )
 def test_bad_options(options, error, match):

@@ -46,10 +46,12 @@ def test_gradcheck_tuple_state():
     assert torch.autograd.gradcheck(solve, (x0, v0, t, w))
 
 
+@pytest.mark.parametrize("storage", ["states", "activations"])
 @pytest.mark.parametrize("times", [[0.0, 0.5, 1.0], [1.0, 0.25, 0.0]], ids=["forward", "reversed"])
-def test_gradcheck_step_size_with_interpolated_outputs(times):
+def test_gradcheck_step_size_with_interpolated_outputs(times, storage):
     def solve(y0, t, w):
-        return rampde.odeint(_field(w, 0.1), y0, t, method="rk4", options={"step_size": 0.3}, params=(w,))
+        options = {"step_size": 0.3, "storage": storage}
+        return rampde.odeint(_field(w, 0.1), y0, t, method="rk4", options=options, params=(w,))
 
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(times, dtype=torch.float64, requires_grad=True)

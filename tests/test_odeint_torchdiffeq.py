@@ -22,9 +22,10 @@ def _grads(solver, field, y0, t, **kwargs):
     return sol, torch.autograd.grad(loss, [y0, t, *field.parameters()])
 
 
-def _compare(field, y0, t, **kwargs):
+def _compare(field, y0, t, storage="states", **kwargs):
     sol_ref, g_ref = _grads(torchdiffeq.odeint, field, y0, t, **kwargs)
-    sol, g = _grads(rampde.odeint, field, y0, t, **kwargs)
+    options = {**kwargs.pop("options", {}), "storage": storage}
+    sol, g = _grads(rampde.odeint, field, y0, t, options=options, **kwargs)
     assert sol.dtype == torch.float64 and sol.shape == sol_ref.shape
     assert rel_err(sol, sol_ref) < TRAJ_TOL
     names = ["y0", "t", *[n for n, _ in field.named_parameters()]]
@@ -32,12 +33,13 @@ def _compare(field, y0, t, **kwargs):
         assert rel_err(a, b) < GRAD_TOL, f"gradient of {name}"
 
 
+@pytest.mark.parametrize("storage", ["states", "activations"])
 @pytest.mark.parametrize("method", SHARED_METHODS)
-def test_matches_torchdiffeq_on_the_output_grid(method, mlp_field):
+def test_matches_torchdiffeq_on_the_output_grid(method, storage, mlp_field):
     field = mlp_field(8)
     y0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 0.1, 0.35, 0.6, 1.0], dtype=torch.float64, requires_grad=True)
-    _compare(field, y0, t, method=method)
+    _compare(field, y0, t, storage, method=method)
 
 
 @pytest.mark.parametrize("method", ["euler", "rk4"])

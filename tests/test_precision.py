@@ -53,9 +53,10 @@ def test_fp32_matches_fp64_reference(case):
     assert rel_err(out["y0"], ref["y0"]) < 1e-5
 
 
-def test_bf16_beats_the_naive_recipe(case):
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_bf16_beats_the_naive_recipe(case, storage):
     field, y0, t, ref = case
-    ours = _grads(rampde.odeint, field, y0, t, autocast={"dtype": torch.bfloat16})
+    ours = _grads(rampde.odeint, field, y0, t, autocast={"dtype": torch.bfloat16}, options={"storage": storage})
     naive = _grads(torchdiffeq.odeint, field, y0, t, autocast={"dtype": torch.bfloat16})
     ours_err = rel_err(ours["params"], ref["params"])
     naive_err = rel_err(naive["params"], ref["params"])
@@ -71,10 +72,13 @@ def test_bf16_stored_states_option(case):
     assert rel_err(low["params"], ref["params"]) < BF16_PARAM_BOUND
 
 
-def test_fp16_with_adjoint_scaling_is_accurate(case):
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_fp16_with_adjoint_scaling_is_accurate(case, storage):
     field, y0, t, ref = case
     scaler = rampde.DynamicScaler()
-    ours = _grads(rampde.odeint, field, y0, t, autocast={"dtype": torch.float16}, loss_scaler=scaler)
+    ours = _grads(
+        rampde.odeint, field, y0, t, autocast={"dtype": torch.float16}, loss_scaler=scaler, options={"storage": storage}
+    )
     assert rel_err(ours["params"], ref["params"]) < FP16_PARAM_BOUND
     assert rel_err(ours["y0"], ref["y0"]) < FP16_PARAM_BOUND
     assert scaler.stats()["solves"] == 1
@@ -159,3 +163,21 @@ def test_float64_state_under_autocast_accumulates_in_float64(mlp_field):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sol = rampde.odeint(field, torch.randn(2, 8, dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64))
     assert sol.dtype == torch.float64
+
+
+@pytest.mark.parametrize("storage, backward_calls", [("states", 4 * 3), ("activations", 0)])
+def test_activations_storage_skips_the_recomputation(mlp_field, storage, backward_calls):
+    """rk4 over 3 steps: 12 evaluations forward; the backward recomputes them only with "states"."""
+    field = mlp_field(8, torch.float32)
+    calls = []
+
+    def counted(t, y):
+        calls.append(torch.is_grad_enabled())
+        return field(t, y)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = rampde.odeint(counted, torch.randn(2, 8), torch.linspace(0, 1, 4),
+                            params=tuple(field.parameters()), options={"storage": storage})
+    assert len(calls) == 12
+    sol[-1].sum().backward()
+    assert len(calls) == 12 + backward_calls

@@ -78,21 +78,22 @@ def _solve_grads(field, y0, t, autocast_dtype, **kwargs):
     return torch.autograd.grad(loss, [y0, *field.parameters()])
 
 
-def test_overflow_is_detected_and_redone_with_a_lower_scale():
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_overflow_is_detected_and_redone_with_a_lower_scale(storage):
     field = _Stiff()
     y0 = torch.randn(8, 16) * 0.01
     t = torch.linspace(0, 0.004, 3)
     ref = _solve_grads(copy.deepcopy(field).double(), y0.double(), t.double(), None)
 
     scaler = rampde.DynamicScaler(target_log2=14)
-    grads = _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler)
+    grads = _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler, options={"storage": storage})
     assert scaler.retries >= 1, "the first backward at 2**14 must overflow in fp16"
     assert all(torch.isfinite(g).all() for g in grads)
     assert rel_err(flat(grads), flat(ref)) < 1e-2
 
     # The scaler keeps its lower target: the next solve needs no retry.
     retries = scaler.retries
-    _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler)
+    _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler, options={"storage": storage})
     assert scaler.retries == retries and scaler.solves == 2
 
 
