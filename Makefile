@@ -20,7 +20,7 @@ bench: $(STAMP)
 	$(BIN)/rampde-bench report
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --benchmark-disable
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
