@@ -8,17 +8,7 @@ import torch
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
-class MLPField(torch.nn.Module):
-    """``Linear(w+1, w)`` on ``[y, t]``, tanh, ``Linear(w, w)``: time-dependent, like the benchmarks."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.l1 = torch.nn.Linear(width + 1, width)
-        self.l2 = torch.nn.Linear(width, width)
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tt = t.to(y.dtype).expand(*y.shape[:-1], 1)
-        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], dim=-1))))
+from helpers import MLPField  # noqa: E402
 
 
 @pytest.fixture

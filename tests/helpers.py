@@ -13,3 +13,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def flat(tensors) -> torch.Tensor:
     return torch.cat([x.detach().reshape(-1).double() for x in tensors])
+
+
+class MLPField(torch.nn.Module):
+    """``Linear(w+1, w)`` on ``[y, t]``, tanh, ``Linear(w, w)``: time-dependent, like the benchmarks."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.l1 = torch.nn.Linear(width + 1, width)
+        self.l2 = torch.nn.Linear(width, width)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        tt = t.to(y.dtype).expand(*y.shape[:-1], 1)
+        return self.l2(torch.tanh(self.l1(torch.cat([y, tt], dim=-1))))

@@ -16,7 +16,7 @@ import torch
 import torchdiffeq
 
 import rampde
-from helpers import flat, rel_err
+from helpers import MLPField, flat, rel_err
 
 WIDTH, BATCH, STEPS = 64, 64, 32
 BF16_PARAM_BOUND = 4e-3
@@ -25,8 +25,6 @@ FP16_PARAM_BOUND = 5e-4
 
 @pytest.fixture(scope="module")
 def case():
-    from conftest import MLPField
-
     torch.manual_seed(0)
     field = MLPField(WIDTH)
     y0 = torch.randn(BATCH, WIDTH)
