@@ -92,7 +92,9 @@ def odeint(
         acc_dtype=acc_dtype,
         state_dtype=state_dtype,
         scaler=loss_scaler,
-        keep_activations=storage == "activations",
+        # Graphs are kept only when a backward can follow: not under no_grad or for constants.
+        keep_activations=storage == "activations" and torch.is_grad_enabled()
+        and any(x.requires_grad for x in (grid, y0_flat, *diff_params)),
     )
     log.debug(
         "rampde.odeint: %s, %d steps, field in %s, state in %s, stored in %s",

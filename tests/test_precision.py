@@ -179,3 +179,18 @@ def test_activations_storage_skips_the_recomputation(mlp_field, storage, backwar
     assert len(calls) == 12
     sol[-1].sum().backward()
     assert len(calls) == 12 + backward_calls
+
+
+def test_activations_storage_keeps_no_graph_without_grad(mlp_field):
+    """Under no_grad (evaluation) the fast mode evaluates like the lean one and keeps nothing."""
+    field = mlp_field(8, torch.float32)
+    calls = []
+
+    def counted(t, y):
+        calls.append(torch.is_grad_enabled())
+        return field(t, y)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rampde.odeint(counted, torch.randn(2, 8), torch.linspace(0, 1, 4), params=tuple(field.parameters()),
+                      options={"storage": "activations"})
+    assert len(calls) == 12 and not any(calls)

@@ -129,13 +129,13 @@ def test_non_finite_forward_is_reported_as_such():
         sol[-1].sum().backward()
 
 
-def test_non_finite_incoming_gradient_is_passed_on_with_a_warning(caplog):
+def test_non_finite_incoming_gradient_is_passed_on_and_logged(caplog):
     """An upstream GradScaler must see the inf/NaN and skip its step: no retry, no error."""
     field = _Stiff()
     y0 = torch.randn(2, 16, requires_grad=True) * 0.01
     with torch.autocast("cpu", dtype=torch.float16):
         sol = rampde.odeint(field, y0, torch.linspace(0, 0.004, 3), loss_scaler=rampde.DynamicScaler())
-    with caplog.at_level(logging.WARNING, logger="rampde"):
+    with caplog.at_level(logging.INFO, logger="rampde"):
         (sol[-1].float().sum() * float("inf")).backward()
     assert not torch.isfinite(field.lin.weight.grad).all()
     assert "incoming gradient is not finite" in caplog.text
