@@ -1,10 +1,11 @@
 """Binomial checkpointing (revolve, Griewank & Walther) for a fixed-step rk4 solve.
 
-The forward keeps only ``y0`` and returns ``y(T)``. The backward reverses the ``N`` steps with at
+The forward returns ``y(T)`` and keeps ``y0`` and the first snapshots of the schedule (those the
+backward would take first, on the way to the end). The backward reverses the ``N`` steps with at
 most ``K`` snapshots alive at once, placing them where the dynamic programme below says, so that
 the number of extra forward steps ("advances") is the minimum possible for ``K`` snapshots.
-Memory: ``K`` states plus one step's graph; work: ``N`` forward steps, ``advances`` more, then
-one recomputed step with its vjp per step.
+Memory: ``K`` states plus one step's graph; work: ``N`` forward steps, the advances, then one
+recomputed step with its vjp per step.
 """
 
 from __future__ import annotations
@@ -51,13 +52,30 @@ def binomial_advances(steps: int, snapshots: int) -> int:
     return r * steps - comb(c + r, r - 1) if r > 0 else 0
 
 
+def forward_snapshots(steps: int, snapshots: int) -> list[int]:
+    """Step indices whose states the forward keeps: the schedule's first split, then the first
+    split of the rest with one snapshot fewer, and so on."""
+    points, start, free = [], 0, snapshots
+    while free > 0 and steps - start > 1:
+        start += _plan(steps - start, free)[1]
+        points.append(start)
+        free -= 1
+    return points
+
+
 class _RevolveSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, field, grid, snapshots, stats, y0, *params):
+        steps = grid.shape[0] - 1
+        keep = set(forward_snapshots(steps, snapshots))
+        kept: dict[int, torch.Tensor] = {}
         y = y0
-        for i in range(grid.shape[0] - 1):
+        for i in range(steps):
             y = rk_step(field, grid[i], grid[i + 1], y)
-        ctx.field, ctx.snapshots, ctx.stats = field, snapshots, stats
+            if i + 1 in keep:
+                kept[i + 1] = y
+        ctx.field, ctx.snapshots, ctx.stats, ctx.kept = field, snapshots, stats, kept
+        stats["peak_snapshots"] = len(kept)
         ctx.save_for_backward(grid, y0, *params)
         return y
 
@@ -65,10 +83,11 @@ class _RevolveSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         grid, y0, *params = ctx.saved_tensors
-        field, stats = ctx.field, ctx.stats
+        field, stats, kept = ctx.field, ctx.stats, ctx.kept
+        ctx.kept = None
         adjoint = grad_y
         g_params = [torch.zeros_like(p) for p in params]
-        live = [0]
+        live = [len(kept)]
 
         def advance(state, start, end):
             with torch.no_grad():
@@ -98,9 +117,12 @@ class _RevolveSolve(torch.autograd.Function):
                     reverse_step(advance(state, start, k), k)
                 return
             split = start + _plan(end - start, free)[1]
-            snapshot = advance(state, start, split)
-            live[0] += 1
-            stats["peak_snapshots"] = max(stats["peak_snapshots"], live[0])
+            if split in kept:  # taken by the forward
+                snapshot = kept.pop(split)
+            else:
+                snapshot = advance(state, start, split)
+                live[0] += 1
+                stats["peak_snapshots"] = max(stats["peak_snapshots"], live[0])
             reverse(snapshot, split, end, free - 1)
             del snapshot
             live[0] -= 1
@@ -113,7 +135,7 @@ class _RevolveSolve(torch.autograd.Function):
 def revolve_solve(field: Callable, y0: torch.Tensor, grid: torch.Tensor, snapshots: int,
                   params: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, dict]:
     """``y(T)`` of rk4 on ``grid``, differentiable with binomial checkpointing; and its counters
-    (``advances``, ``peak_snapshots``, ``step_vjps``), filled in by the backward."""
+    (``advances`` in the backward, ``peak_snapshots``, ``step_vjps``), filled in by the backward."""
     if snapshots < 0:
         raise ValueError(f"snapshots must be >= 0, got {snapshots}")
     params = tuple(field.parameters()) if params is None else params
