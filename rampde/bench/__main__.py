@@ -1,5 +1,8 @@
+"""``python -m rampde.bench`` is ``rampde-bench``."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

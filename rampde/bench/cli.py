@@ -2,62 +2,114 @@
 
     rampde-bench run [--suite quick|paper] [--competitors ...] [--workloads ...] [--widths ...]
                      [--steps ...] [--batch ...] [--repeats N] [--warmup N] [--device D] [--out DIR]
-    rampde-bench env [--device D]
-    rampde-bench claims [RESULTS.csv ...]
+                     [--seed S] [--threads N] [--retry-errors]
+    rampde-bench env [--device D] [--json]
+    rampde-bench claims [RESULTS.csv ...] [--csv OUT.csv]
     rampde-bench report [--results CSV ...] [--asv-results DIR] [--training CSV ...] [--out HTML]
-    rampde-bench train --task digits|cnf ...
+    rampde-bench train --task digits|cnf ...        (rampde.bench.training)
+
+Lists take space- or comma-separated values; ``--competitors all`` takes every competitor. Every
+``run`` option overrides the suite's choice. A bad value exits with code 2 and a message naming
+the option; an interrupted run exits with 130 and resumes when run again with the same options.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
-
-import torch
+from typing import Any, Iterator, Sequence
 
 from . import measure
 
 log = logging.getLogger("rampde.bench")
 
 DEFAULT_REPORT = Path("reports/index.html")
+RESULTS_GLOB = "**/results.csv"  # under reports/: a folder per GPU model, and quick/cpu/
+TRAINING_GLOB = "**/training.csv"
 
 
 class UsageError(Exception):
     """A bad command-line value: printed with the option's name, exit code 2."""
 
 
-def _positive(option: str, values: Sequence[int], multiple_of: int = 1) -> list[int]:
-    for v in values:
-        if v <= 0 or v % multiple_of:
-            need = "a positive integer" + (f" multiple of {multiple_of}" if multiple_of > 1 else "")
-            raise UsageError(f"{option}: {v} is not {need}")
-    return list(values)
+# ----------------------------------------------------------------------------- parsing values
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _items(values: Sequence[str] | None) -> list[str]:
+    """``["a,b", "c"]`` -> ``["a", "b", "c"]``."""
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
+def _ints(option: str, values: Sequence[str] | None, *, minimum: int = 1, multiple_of: int = 1) -> list[int]:
+    out = []
+    for item in _items(values):
+        try:
+            value = int(item)
+        except ValueError:
+            raise UsageError(f"{option}: {item!r} is not an integer") from None
+        if value < minimum or value % multiple_of:
+            if minimum >= 1:
+                need = "a positive integer" + (f" multiple of {multiple_of}" if multiple_of > 1 else "")
+            else:
+                need = f"an integer >= {minimum}"
+            raise UsageError(f"{option}: {value} is not {need}")
+        out.append(value)
+    if values is not None and not out:
+        raise UsageError(f"{option}: no value given")
+    return list(dict.fromkeys(out))
+
+
+def _one_int(option: str, value: str | None, minimum: int) -> int | None:
+    return None if value is None else _ints(option, [value], minimum=minimum)[0]
+
+
+def _device(name: str):
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
+        return measure.resolve_device(name)
+    except ValueError as exc:
         raise UsageError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: CUDA was asked for but torch sees no GPU")
-    return device
 
 
-def _default_out(device: torch.device) -> Path:
-    if device.type == "cuda":
-        return Path("reports") / measure.gpu_slug(measure.gpu_name(device))
-    return Path("reports") / "quick" / "cpu"
+def _console(stderr: bool = False):
+    """A rich console; wide when it writes to a file or a pipe, so that tables stay whole."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=200)
 
 
-def _plan(args: argparse.Namespace, device: torch.device):
-    from .competitors import get_competitor
+@contextlib.contextmanager
+def _logging_to(console, verbose: int) -> Iterator[None]:
+    """Show the library's log records on ``console`` (rich) for the command's duration, then put
+    the logging configuration back as it was (the CLI may run inside another program or a test)."""
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    handler = RichHandler(console=console, show_path=False, show_time=verbose > 0, markup=False)
+    handler.setLevel(level)
+    root, ours = logging.getLogger(), logging.getLogger("rampde")
+    before = ours.level
+    ours.setLevel(level)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        ours.setLevel(before)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _plan(args: argparse.Namespace, device) -> tuple[Any, list, int, int]:
+    """The suite, its cells after the command line's overrides, repeats and warm-up runs."""
+    from .competitors import get_competitor, list_competitors
     from .suites import get_suite
     from .sweep import make_grid
     from .workloads import WORKLOADS
@@ -66,180 +118,311 @@ def _plan(args: argparse.Namespace, device: torch.device):
         suite = get_suite(args.suite, device.type)
     except ValueError as exc:
         raise UsageError(f"--suite: {exc}") from None
-    competitors = args.competitors or suite.competitors
+    competitors = _items(args.competitors) or suite.competitors
+    if competitors == ["all"]:
+        competitors = [c.name for c in list_competitors()]
     for name in competitors:
         try:
             get_competitor(name)
         except KeyError as exc:
             raise UsageError(f"--competitors: {exc.args[0]}") from None
-    workloads = dict(suite.workloads)
-    if args.workloads:
-        unknown = [w for w in args.workloads if w not in WORKLOADS]
-        if unknown:
-            raise UsageError(f"--workloads: unknown {unknown}; known: {', '.join(WORKLOADS)}")
-        default = {"widths": [32], "batches": [32]}
-        workloads = {w: dict(suite.workloads.get(w, default)) for w in args.workloads}
+    names = _items(args.workloads) or list(suite.workloads)
+    if names == ["all"]:
+        names = list(WORKLOADS)
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        raise UsageError(f"--workloads: unknown {unknown}; known: {', '.join(WORKLOADS)}")
+    workloads = {w: suite.sizes_of(w) for w in dict.fromkeys(names)}
+    widths = _ints("--widths", args.widths, multiple_of=8)
+    batches = _ints("--batch", args.batch, multiple_of=8)
     for sizes in workloads.values():
-        if args.widths:
-            sizes["widths"] = _positive("--widths", args.widths, 8)
-        if args.batch:
-            sizes["batches"] = _positive("--batch", args.batch, 8)
-    steps = _positive("--steps", args.steps) if args.steps else suite.steps
-    repeats = _positive("--repeats", [args.repeats])[0] if args.repeats is not None else suite.repeats
-    warmup = _positive("--warmup", [args.warmup])[0] if args.warmup is not None else suite.warmup
+        sizes["widths"] = widths or sizes["widths"]
+        sizes["batches"] = batches or sizes["batches"]
+    steps = _ints("--steps", args.steps) or suite.steps
+    repeats = _one_int("--repeats", args.repeats, 1) or suite.repeats
+    warmup = _one_int("--warmup", args.warmup, 0)
+    warmup = suite.warmup if warmup is None else warmup
     return suite, make_grid(competitors, workloads, steps), repeats, warmup
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _default_out(suite: str, device) -> Path:
+    """``reports/<gpu-slug>/`` on a GPU (the committed data; quick cells are paper cells too);
+    on the CPU ``reports/quick/cpu/`` for the quick suite (ignored by git), else ``reports/cpu/``."""
+    if device.type == "cuda":
+        return Path("reports") / measure.gpu_slug(measure.gpu_name(device))
+    return Path("reports") / "quick" / "cpu" if suite == "quick" else Path("reports") / "cpu"
 
-    from .results import claims, claims_summary
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from rich.markup import escape
+
+    from .results import claims
     from .sweep import run_sweep
 
-    device = _resolve_device(args.device)
+    device = _device(args.device)
+    seed = _one_int("--seed", args.seed, 0) or 0
+    threads = _one_int("--threads", args.threads, 1)
     suite, cells, repeats, warmup = _plan(args, device)
-    out = Path(args.out) if args.out else _default_out(device)
-    console = Console(stderr=True, width=max(Console(stderr=True).width, 150))
-    console.print(f"[bold]rampde-bench[/] suite {suite.name}: {len(cells)} cells on {measure.gpu_name(device)}"
-                  f" -> {out}" + (f"  ({suite.notes})" if suite.notes else ""))
+    out = Path(args.out) if args.out else _default_out(suite.name, device)
+    err = args.console
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    err.print(f"[bold]rampde-bench run[/] suite [bold]{suite.name}[/]: {len(cells)} cells on "
+              f"{measure.gpu_name(device)} ({device}), {repeats} repeats after {warmup} warm-up runs "
+              f"-> {escape(str(out))}")
+    if suite.notes:
+        err.print(f"  note: {suite.notes}")
     started = time.perf_counter()
+    statuses: dict[str, int] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("cells", total=None)
+    try:
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("cells", total=None)
 
-        def progress(done, total, cell, row):
-            label = f"{cell.competitor} {cell.workload} w{cell.width} b{cell.batch} N{cell.steps}"
-            bar.update(task, total=total, completed=done, description=label)
-            if row is not None and row["status"] != "ok":
-                console.print(f"  {label}: [yellow]{row['status']}[/] {row['message'][:120]}")
+            def progress(done: int, total: int, cell, row) -> None:
+                bar.update(task, total=total, completed=done, description=f"{cell.label:44.44}")
+                if row is not None:
+                    statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+                    if row["status"] != "ok":
+                        err.print(f"  {escape(cell.label)}: [yellow]{row['status']}[/] "
+                                  f"{escape(row['message'][:160])}", highlight=False)
 
-        table = run_sweep(cells, out, device=device, repeats=repeats, warmup=warmup, progress=progress)
-    console.print(f"{len(table)} cells in {out / 'results.csv'} ({time.perf_counter() - started:.0f} s)")
-    _print_claims(claims_summary(claims(table)), console)
+            table = run_sweep(cells, out, device=device, repeats=repeats, warmup=warmup, seed=seed,
+                              retry_errors=args.retry_errors, progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished cells are in {escape(str(out / 'results.csv'))}; "
+                  "run the same command to resume", highlight=False)
+        return 130
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "nothing new"
+    err.print(f"{counts} in {time.perf_counter() - started:.0f} s; {len(table)} cells in "
+              f"{escape(str(out / 'results.csv'))}", highlight=False)
+    _print_claims(claims(table), _console())
+    if statuses.get("error"):
+        err.print(f"[red]{statuses['error']} cell(s) failed with an error[/] (see their message); "
+                  "rerun with --retry-errors once fixed")
+        return 1
     return 0
 
 
-def _print_claims(summary, console) -> None:
+# ----------------------------------------------------------------------------- claims
+
+
+def _fmt(value: Any, kind: str) -> str:
+    """A table cell: text escaped for rich, NaN as a dash, numbers by kind."""
+    if isinstance(value, str):
+        from rich.markup import escape
+
+        return escape(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if kind == "ratio":
+        return f"{value:.2f}"
+    if kind == "err":
+        return f"{value:.2e}"
+    if kind == "ms":
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+_CELL_COLUMNS = [("gpu", ""), ("competitor", ""), ("workload", ""), ("width", ""), ("batch", ""), ("steps", ""),
+                 ("time_ms", "ms"), ("speedup_vs_fp32", "ratio"), ("speedup_vs_tf32", "ratio"),
+                 ("mem_ratio_vs_fp32", "ratio"), ("grad_err", "err"), ("naive_grad_err", "err"),
+                 ("nocache_grad_err", "err"), ("note", "")]
+
+
+def _print_claims(per_cell, console) -> None:
+    """The per-cell claims table and the summary per GPU and rampde competitor."""
     from rich.table import Table
 
-    if summary.empty:
-        console.print("no rampde cell with its baselines yet: no claims to show")
+    from .results import claims_summary
+
+    if per_cell.empty:
+        console.print("no rampde cell ran fine: no claims to show")
         return
-    table = Table(title="claims (per GPU; ratios per cell, best/worst over cells)")
-    for column in summary.columns:
-        table.add_column(column, justify="right" if summary[column].dtype.kind in "fi" else "left")
-    for _, row in summary.iterrows():
-        table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
+    cells = Table(title="claims per cell (speedup = baseline time / ours; memory = our peak / torchdiffeq-fp32's; "
+                        "gradient errors against fp64)", title_justify="left")
+    for name, kind in _CELL_COLUMNS:
+        cells.add_column(name, justify="right" if kind else "left", no_wrap=name != "note")
+    for row in per_cell.to_dict("records"):
+        cells.add_row(*[_fmt(row[name], kind) for name, kind in _CELL_COLUMNS])
+    console.print(cells)
+
+    summary = claims_summary(per_cell)
+    table = Table(title="claims per GPU (geometric mean \\[min – max] over the cells)", title_justify="left")
+    for name in ("gpu", "competitor", "cells", "speedup vs fp32", "speedup vs tf32", "memory vs fp32",
+                 "grad err max", "naive max", "nocache max", "beats naive"):
+        table.add_column(name, justify="left" if name in ("gpu", "competitor") else "right", no_wrap=True)
+
+    def spread(row: dict, metric: str) -> str:
+        mean = row[f"{metric}_geomean"]
+        if math.isnan(mean):
+            return "—"
+        return f"{mean:.2f} [{row[f'{metric}_min']:.2f} – {row[f'{metric}_max']:.2f}]"
+
+    for row in summary.to_dict("records"):
+        table.add_row(_fmt(row["gpu"], ""), _fmt(row["competitor"], ""), str(row["cells"]), spread(row, "speedup_vs_fp32"),
+                      spread(row, "speedup_vs_tf32"), spread(row, "mem_ratio_vs_fp32"),
+                      _fmt(row["grad_err_max"], "err"), _fmt(row["naive_grad_err_max"], "err"),
+                      _fmt(row["nocache_grad_err_max"], "err"),
+                      f"{row['beats_naive']}/{row['vs_naive']}" if row["vs_naive"] else "—")
     console.print(table)
 
 
-def cmd_env(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    env = measure.environment(_resolve_device(args.device))
-    table = Table(title="environment")
-    table.add_column("key")
-    table.add_column("value")
-    for key, value in env.items():
-        table.add_row(key, str(value))
-    Console().print(table)
-    return 0
+def _results_paths(given: Sequence[str] | None) -> list[Path]:
+    if given:
+        return [Path(p) for p in given]
+    return sorted(Path("reports").glob(RESULTS_GLOB))
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
     import pandas as pd
-    from rich.console import Console
 
-    from .results import claims, claims_summary, read_results
+    from .results import claims, read_results, write_csv_atomic
 
-    paths = [Path(p) for p in args.results] or sorted(Path("reports").glob("*/results.csv"))
+    paths = _results_paths(args.results)
     if not paths:
-        raise UsageError("claims: no results file given and none under reports/*/results.csv")
+        raise UsageError(f"claims: no results file given and none at reports/{RESULTS_GLOB}")
     try:
         df = pd.concat([read_results(p) for p in paths], ignore_index=True)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"claims: {exc}") from None
-    console = Console(width=max(Console().width, 150))
     per_cell = claims(df)
-    if not per_cell.empty:
-        console.print(per_cell.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    _print_claims(claims_summary(per_cell), console)
+    _print_claims(per_cell, _console())
+    if args.csv:
+        write_csv_atomic(per_cell, Path(args.csv))
+        args.console.print(f"claims per cell written to {args.csv}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- env, report, train
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    env = measure.environment(_device(args.device))
+    if args.json:
+        print(json.dumps(env, indent=2))
+        return 0
+    table = Table(title="environment recorded with every result")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value")
+    for key, value in env.items():
+        table.add_row(key, str(value))
+    _console().print(table)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_dashboard
 
-    results = [Path(p) for p in args.results] if args.results else sorted(Path("reports").glob("**/results.csv"))
-    training = [Path(p) for p in args.training] if args.training else sorted(Path("reports").glob("**/training.csv"))
-    asv = Path(args.asv_results) if args.asv_results else None
-    if asv is None and Path("reports/asv/results").is_dir():
-        asv = Path("reports/asv/results")
+    results = _results_paths(args.results)
+    training = [Path(p) for p in args.training] if args.training else sorted(Path("reports").glob(TRAINING_GLOB))
+    if not results:
+        log.warning("no results file given and none at reports/%s: the dashboard will say so", RESULTS_GLOB)
+    extra = {"training": training} if training else {}
     try:
-        path = build_dashboard(results, Path(args.out), asv_results=asv, training=training or None)
+        path = build_dashboard(results, Path(args.out),
+                               asv_results=Path(args.asv_results) if args.asv_results else None, **extra)
     except FileNotFoundError as exc:
         raise UsageError(f"report: {exc}") from None
-    print(f"dashboard: {path.resolve()}")
+    print(f"dashboard: {Path(path).resolve()}")
     return 0
+
+
+def _train(argv: Sequence[str]) -> int:
+    """``rampde-bench train ...``: the training-parity suite (rampde.bench.training)."""
+    from .training import add_train_arguments, main_train
+
+    parser = add_train_arguments(argparse.ArgumentParser(prog="rampde-bench train",
+                                                         description="training parity per competitor"))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return int(main_train(args) or 0)
+
+
+# ----------------------------------------------------------------------------- the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rampde-bench", description="Benchmark rampde against its competitors.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each cell; -vv: debug")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,env,claims,report,train}")
 
-    run = sub.add_parser("run", help="measure a sweep into a results folder")
-    run.add_argument("--suite", default="quick", help="quick (minutes) or paper (hours); default quick")
-    run.add_argument("--competitors", nargs="+", help="override the suite's competitors")
-    run.add_argument("--workloads", nargs="+", help="mlp, conv, cnf")
-    run.add_argument("--widths", nargs="+", type=int, help="widths / channels (multiples of 8)")
-    run.add_argument("--steps", nargs="+", type=int, help="step counts")
-    run.add_argument("--batch", nargs="+", type=int, help="batch sizes (multiples of 8)")
-    run.add_argument("--repeats", type=int, help="timed repeats per cell (median reported)")
-    run.add_argument("--warmup", type=int, help="untimed runs before timing")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--out", help="results folder (default reports/<gpu-model>/ or reports/quick/cpu/)")
+    run = sub.add_parser("run", help="measure a sweep into a results folder (resumable)")
+    run.add_argument("--suite", default="quick", help="quick (minutes) or paper (hours on a GPU); default quick")
+    run.add_argument("--competitors", nargs="+", metavar="NAME", help="competitor names, or 'all'")
+    run.add_argument("--workloads", nargs="+", metavar="NAME", help="mlp, conv, cnf, or 'all'")
+    run.add_argument("--widths", nargs="+", metavar="W", help="MLP widths / conv channels (multiples of 8)")
+    run.add_argument("--steps", nargs="+", metavar="N", help="step counts")
+    run.add_argument("--batch", nargs="+", metavar="B", help="batch sizes (multiples of 8)")
+    run.add_argument("--repeats", metavar="N", help="timed repeats per cell (median reported; suite default 5)")
+    run.add_argument("--warmup", metavar="N", help="untimed runs before timing (suite default)")
+    run.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda or cuda:N")
+    run.add_argument("--out", help="results folder (default reports/<gpu-model>/ on a GPU, reports/quick/cpu/ "
+                                   "for the quick suite on the CPU)")
+    run.add_argument("--seed", metavar="S", help="seed of the workloads (default 0)")
+    run.add_argument("--retry-errors", action="store_true", help="measure again the cells stored as errors")
+    run.add_argument("--threads", metavar="N", help="torch CPU threads (torch.set_num_threads); default torch's")
     run.set_defaults(func=cmd_run)
 
     env = sub.add_parser("env", help="print the environment results are recorded with")
-    env.add_argument("--device", default="auto")
+    env.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    env.add_argument("--json", action="store_true", help="print JSON instead of a table")
     env.set_defaults(func=cmd_env)
 
     claims = sub.add_parser("claims", help="print the claims computed from results files")
-    claims.add_argument("results", nargs="*", help="results.csv files (default reports/*/results.csv)")
+    claims.add_argument("results", nargs="*", help=f"results.csv files (default reports/{RESULTS_GLOB})")
+    claims.add_argument("--csv", help="also write the per-cell claims to this CSV file")
     claims.set_defaults(func=cmd_claims)
 
     report = sub.add_parser("report", help="build the HTML dashboard")
-    report.add_argument("--results", nargs="+", help="results.csv files (default reports/**/results.csv)")
-    report.add_argument("--asv-results", help="asv results folder (default reports/asv/results if present)")
-    report.add_argument("--training", nargs="+", help="training.csv files (default reports/**/training.csv)")
+    report.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")
+    report.add_argument("--asv-results", help="asv results folder (one sub-folder per GPU model)")
+    report.add_argument("--training", nargs="+", help=f"training.csv files (default reports/{TRAINING_GLOB})")
     report.add_argument("--out", default=str(DEFAULT_REPORT), help=f"HTML file (default {DEFAULT_REPORT})")
     report.set_defaults(func=cmd_report)
 
-    from .training import add_train_arguments, main_train
-
-    train = sub.add_parser("train", help="training parity runs per competitor")
-    add_train_arguments(train)
-    train.set_defaults(func=main_train)
+    sub.add_parser("train", add_help=False, help="training parity per competitor (see 'rampde-bench train -h')")
     return parser
 
 
+def _command_index(argv: Sequence[str]) -> int | None:
+    """Where the sub-command stands in ``argv`` (after the global options)."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            return i
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``rampde-bench`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    at = _command_index(argv)
     try:
-        return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"rampde-bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rampde-bench: interrupted; finished cells are saved, rerun to resume", file=sys.stderr)
-        return 130
+        args = parser.parse_args(argv[: at + 1] if at is not None and argv[at] == "train" else argv)
+    except SystemExit as exc:  # argparse's own errors (exit 2) and --help (exit 0)
+        return int(exc.code or 0)
+    args.console = _console(stderr=True)
+    with _logging_to(args.console, args.verbose):
+        if args.command == "train":
+            return _train(argv[at + 1:])
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as exc:
+            print(f"rampde-bench: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
