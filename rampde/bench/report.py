@@ -21,9 +21,7 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import plotly.offline
 from plotly.subplots import make_subplots
+
+from .results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -1248,17 +1248,7 @@ per GPU model. Built {now} from: {src}</p></header>
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def _sections(results: pd.DataFrame, timelines: pd.DataFrame, asv: pd.DataFrame | None,

@@ -94,16 +94,18 @@ CLAIM_COLUMNS = [*CELL_KEYS, "competitor", "precision", "time_ms", "speedup_vs_f
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, write: Callable[[TextIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[TextIO], None], *, binary: bool = False) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     On any exception (Ctrl-C included) the temporary file is removed and ``path`` is untouched.
+    The handle is text (UTF-8) or, with ``binary``, bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+        opened = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="", encoding="utf-8")
+        with opened as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import functools
 import logging
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +41,9 @@ from torch.utils.checkpoint import checkpoint
 import rampde
 
 from .training_tasks import TASKS, Batch, TaskData, TaskSize, TrainingTask
+
+from . import measure
+from .results import atomic_write, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,37 +202,15 @@ def get_task(name: str) -> TrainingTask:
 
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ValueError otherwise."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for, but CUDA is not available to this torch")
-        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-    return dev
-
-
-@functools.lru_cache(maxsize=1)
-def _commit() -> str:
-    """This project's git commit (with ``-dirty`` for uncommitted tracked changes), or ``unknown``."""
-    root = Path(rampde.__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{sha}-dirty" if dirty.returncode == 1 else sha
+        return measure.resolve_device(device)
+    except ValueError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N': {exc}") from None
 
 
 def _environment(dev: torch.device) -> dict[str, str]:
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    return {"device": dev.type, "gpu": str(gpu), "torch": str(torch.__version__), "commit": _commit()}
+    return {"device": dev.type, "gpu": measure.gpu_name(dev), "torch": str(torch.__version__),
+            "commit": measure.git_commit()[:12] or "unknown"}
 
 
 @contextlib.contextmanager
@@ -264,18 +241,6 @@ def _sync(dev: torch.device) -> None:
 # ----------------------------------------------------------------------------- results store
 
 
-def _atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def read_training(out: Path | str) -> pd.DataFrame:
     """The training results in ``<out>/training.csv`` (an empty table with ``COLUMNS`` if none)."""
     path = Path(out) / CSV_NAME
@@ -292,19 +257,11 @@ def _store_rows(out: Path, task: str, competitor: str, seed: int, rows: list[dic
     new = pd.DataFrame(rows, columns=COLUMNS)
     merged = new if not keep.any() else pd.concat([df[keep], new], ignore_index=True)
     merged = merged.sort_values(["task", "competitor", "seed", "epoch"], kind="stable")
-    _atomic_write_csv(merged[COLUMNS], Path(out) / CSV_NAME)
+    write_csv_atomic(merged[COLUMNS], Path(out) / CSV_NAME)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda handle: torch.save(obj, handle), binary=True)
 
 
 # ----------------------------------------------------------------------------- one run

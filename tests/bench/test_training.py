@@ -190,7 +190,7 @@ def test_unknown_names_are_key_errors_too():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only torch")
 def test_cuda_device_without_cuda(tmp_path):
-    with pytest.raises(ValueError, match="CUDA is not available"):
+    with pytest.raises(ValueError, match="CUDA was asked for but torch sees no GPU"):
         run_training("digits", ["rampde-bf16"], epochs=1, out=tmp_path, device="cuda", size="tiny")
 
 
