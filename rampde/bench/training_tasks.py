@@ -24,6 +24,8 @@ from typing import Callable, Mapping, Protocol
 import torch
 from torch import nn
 
+from .workloads import CNFField, two_moons
+
 Solve = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, ...]
 
@@ -158,29 +160,6 @@ def _digits_model(size: TaskSize) -> nn.Module:
 # ----------------------------------------------------------------------------- cnf
 
 
-class CNFField(nn.Module):
-    """The CNF dynamics on the state ``(x, a)`` (batch, 3): ``dx/dt = W2 tanh(W1 [x, t] + b1) + b2``
-    and ``da/dt = -tr(d(dx/dt)/dx)``.
-
-    The trace is exact and closed-form, ``sum_k (1 - h_k^2) sum_i W2[i, k] W1[k, i]`` over the
-    two input coordinates ``i``: one extra matrix-vector product per evaluation, no autograd.
-    Under autocast it is evaluated in the low precision like the rest of the field.
-    """
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.l1 = nn.Linear(3, hidden)
-        self.l2 = nn.Linear(hidden, 2)
-
-    def forward(self, t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        x = state[:, :2]
-        tt = t.to(x.dtype).expand(x.shape[0], 1)
-        h = torch.tanh(self.l1(torch.cat([x, tt], dim=-1)))
-        diag = (self.l2.weight * self.l1.weight[:, :2].t()).sum(dim=0)  # (hidden,)
-        trace = (1.0 - h * h) @ diag
-        return torch.cat([self.l2(h), -trace.unsqueeze(-1)], dim=-1)
-
-
 class CNF(nn.Module):
     """A continuous normalizing flow from data (t=0) to a standard normal (t=1)."""
 
@@ -204,19 +183,9 @@ class CNF(nn.Module):
         return -self.log_prob(batch[0], solve).sum()
 
 
-def two_moons(n: int, generator: torch.Generator, noise: float = MOONS_NOISE) -> torch.Tensor:
-    """``n`` points of two interleaved half circles with Gaussian noise, fp32, shape ``(n, 2)``."""
-    angle = torch.rand(n, generator=generator) * math.pi
-    upper = torch.arange(n) < n // 2
-    x = torch.where(upper, torch.cos(angle), 1.0 - torch.cos(angle))
-    y = torch.where(upper, torch.sin(angle), 0.5 - torch.sin(angle))
-    points = torch.stack([x, y], dim=-1)
-    return points + noise * torch.randn(n, 2, generator=generator)
-
-
 def _cnf_data(size: TaskSize, device: torch.device) -> TaskData:
-    train = two_moons(size.n_train, torch.Generator().manual_seed(MOONS_TRAIN_SEED))
-    test = two_moons(size.n_test, torch.Generator().manual_seed(MOONS_TEST_SEED))
+    train = two_moons(size.n_train, noise=MOONS_NOISE, generator=torch.Generator().manual_seed(MOONS_TRAIN_SEED))
+    test = two_moons(size.n_test, noise=MOONS_NOISE, generator=torch.Generator().manual_seed(MOONS_TEST_SEED))
     mean, std = train.mean(dim=0), train.std(dim=0)
     return TaskData(train=(((train - mean) / std).to(device),), test=(((test - mean) / std).to(device),))
 
