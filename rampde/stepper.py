@@ -167,8 +167,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
                 _update(traj[i + 1], traj[i], ks, coef.hb[i], weighted)
         keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype
         stored = traj if keep_traj else traj.to(spec.state_dtype)
-        ctx.spec = spec
-        ctx.graphs = graphs
+        ctx.spec, ctx.coef, ctx.graphs = spec, coef, graphs
         ctx.save_for_backward(grid, stored, *params)
         return traj
 
@@ -177,6 +176,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
     def backward(ctx, grad_traj: torch.Tensor):
         spec: SolveSpec = ctx.spec
         grid, stored, *params = ctx.saved_tensors
+        coef = ctx.coef
         graphs, ctx.graphs = ctx.graphs, None
         need_t = ctx.needs_input_grad[1]
         need_params = ctx.needs_input_grad[3:]
@@ -186,7 +186,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
 
         attempt = 0
         while True:
-            grads = _adjoint_sweep(spec, grid, stored, grad_traj, diff_params, need_t, graphs)
+            grads = _adjoint_sweep(spec, coef, grid, stored, grad_traj, diff_params, need_t, graphs)
             results_ok = torch.stack([torch.isfinite(g).all() for g in grads.tensors()]).all()
             incoming, states, results = torch.stack([incoming_ok, states_ok, results_ok]).tolist()
             if results or not incoming:
@@ -237,6 +237,7 @@ class _SweepResult:
 
 def _adjoint_sweep(
     spec: SolveSpec,
+    coef: _StepCoefficients,
     grid: torch.Tensor,
     stored: torch.Tensor,
     grad_traj: torch.Tensor,
@@ -252,7 +253,6 @@ def _adjoint_sweep(
     acc = spec.acc_dtype
     tableau = spec.tableau
     weighted = _weighted(tableau)
-    coef = _StepCoefficients.build(tableau, grid)
     h_abs = coef.h.abs()
     retain = bool(graphs) and spec.scaler is not None
 

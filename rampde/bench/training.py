@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -43,6 +43,7 @@ import rampde
 from .training_tasks import TASKS, Batch, TaskData, TaskSize, TrainingTask
 
 from . import measure
+from .competitors import tf32
 from .results import atomic_write, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -211,31 +212,6 @@ def resolve_device(device: str) -> torch.device:
 def _environment(dev: torch.device) -> dict[str, str]:
     return {"device": dev.type, "gpu": measure.gpu_name(dev), "torch": str(torch.__version__),
             "commit": measure.git_commit()[:12] or "unknown"}
-
-
-@contextlib.contextmanager
-def _tf32_off() -> Iterator[None]:
-    """fp32 matmuls and convolutions in IEEE fp32 (TF32 off) on CUDA; restored afterwards."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        saved = (matmul.fp32_precision, conv.fp32_precision)
-        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision, conv.fp32_precision = saved
-        return
-    saved_legacy = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # torch < 2.9
-    matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
-    try:
-        yield
-    finally:
-        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 # ----------------------------------------------------------------------------- results store
@@ -457,7 +433,7 @@ def _run_one(task: TrainingTask, recipe: TrainingRecipe, ckpt: dict[str, Any] | 
         return
 
     cuda = [dev.index] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda, device_type=dev.type), _tf32_off():
+    with torch.random.fork_rng(devices=cuda, device_type=dev.type), tf32(False):
         trainer = _Trainer.fresh(task, recipe, size, seed, dev)
         if ckpt is not None:
             trainer.restore(ckpt)
@@ -466,10 +442,10 @@ def _run_one(task: TrainingTask, recipe: TrainingRecipe, ckpt: dict[str, Any] | 
         if not trainer.state.rows:  # epoch 0: the common starting point
             _finish_epoch(trainer, math.nan, math.nan, out, path, env, epochs, notify)
         while trainer.state.epoch < epochs:
-            _sync(dev)
+            measure.synchronize(dev)
             started = time.perf_counter()
             train_loss, peak = trainer.train_epoch()
-            _sync(dev)
+            measure.synchronize(dev)
             trainer.state.wall_s += time.perf_counter() - started
             trainer.state.epoch += 1
             _finish_epoch(trainer, train_loss, peak, out, path, env, epochs, notify)
