@@ -9,15 +9,19 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .scaling import DynamicScaler
-from .stepper import DiscreteAdjointSolve, SolveSpec
+from .stepper import DiscreteAdjointSolve, SolveSpec, WeightCast, Weights
 from .tableaus import get_tableau
 
 log = logging.getLogger(__name__)
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
-_OPTION_KEYS = ("step_size", "state_dtype", "storage")
+_OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights")
 _STORAGE = ("states", "activations")
+_CAST_WEIGHTS = ("once", "per-use")
+# Layers whose weights autocast runs in 16-bit: their fp32 parameters are cast once per solve.
+_CAST_LAYERS = (torch.nn.Linear, torch.nn.Bilinear, torch.nn.modules.conv._ConvNd)
+_DTYPE_MISMATCH = ("dtype", "scalar type", "should be the same", "same type")  # torch's wording
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -50,7 +54,12 @@ def odeint(
             or ``"activations"`` (keep each step's 16-bit activations; 3s units, more memory);
             ``state_dtype`` (with ``"states"``: ``None`` keeps the solution itself, no extra
             memory; ``"low"`` or a 16-bit dtype keeps a 16-bit copy, useful when ``step_size``
-            makes many more steps than outputs).
+            makes many more steps than outputs); ``cast_weights``: ``"once"`` (default: under
+            fp16/bf16 autocast, the fp32 weights and biases of the ``nn.Linear``, ``nn.Bilinear``
+            and convolution layers of an ``nn.Module`` field are cast to 16-bit once per solve,
+            and the field runs on those copies through ``torch.func.functional_call``) or
+            ``"per-use"`` (autocast casts them at every use: for a field that runs such a layer
+            outside autocast, or uses its weight where 16-bit would not do).
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
             ``nn.Module``, and must be given (``()`` for none) for any other callable.
         loss_scaler: a ``DynamicScaler`` for the fp16 adjoint, kept across calls; a fresh one per
@@ -67,7 +76,7 @@ def odeint(
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     tableau = get_tableau(method)
-    step_size, state_dtype_opt, storage = _check_options(options)
+    step_size, state_dtype_opt, storage, cast_weights = _check_options(options)
     y0_flat, shapes = _flatten_state(y0)
     device_type = y0_flat.device.type
     acc_dtype = torch.promote_types(y0_flat.dtype, torch.float32)
@@ -84,6 +93,7 @@ def odeint(
     t_host = t.detach().cpu()
     grid = t if step_size is None else _uniform_grid(t, t_host, step_size)
 
+    cast = _weight_cast(func, autocast_dtype, device_type) if cast_weights == "once" else None
     spec = SolveSpec(
         field=_checked_field(func, shapes, y0_flat, acc_dtype, autocast_dtype),
         tableau=tableau,
@@ -95,6 +105,7 @@ def odeint(
         # Graphs are kept only when a backward can follow: not under no_grad or for constants.
         keep_activations=storage == "activations" and torch.is_grad_enabled()
         and any(x.requires_grad for x in (grid, y0_flat, *diff_params)),
+        cast=cast,
     )
     log.debug(
         "rampde.odeint: %s, %d steps, field in %s, state in %s, stored in %s",
@@ -108,9 +119,9 @@ def odeint(
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str]:
+def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str, str]:
     if options is None:
-        return None, None, "states"
+        return None, None, "states", "once"
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict with keys among {_OPTION_KEYS}, got {type(options).__name__}")
     unknown = sorted(set(options) - set(_OPTION_KEYS))
@@ -137,7 +148,10 @@ def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, s
             "options['state_dtype'] applies to storage='states' only: with storage='activations' the "
             "backward uses the kept activations, not stored states"
         )
-    return step_size, options.get("state_dtype"), storage
+    cast_weights = options.get("cast_weights", "once")
+    if cast_weights not in _CAST_WEIGHTS:
+        raise ValueError(f"options['cast_weights'] must be one of {list(_CAST_WEIGHTS)}, got {cast_weights!r}")
+    return step_size, options.get("state_dtype"), storage, cast_weights
 
 
 def _flatten_state(y0: State) -> tuple[torch.Tensor, tuple[torch.Size, ...] | None]:
@@ -230,6 +244,40 @@ def _resolve_state_dtype(option: Any, acc_dtype: torch.dtype, autocast_dtype: to
 # ----------------------------------------------------------------------------- the field
 
 
+def _weight_cast(func: Any, autocast_dtype: torch.dtype | None, device_type: str) -> WeightCast | None:
+    """The fp32 parameters of ``func``'s Linear/Conv layers on the autocast device, to cast once."""
+    if autocast_dtype not in _LOW_PRECISION or not isinstance(func, torch.nn.Module):
+        return None
+    names: list[str] = []
+    params: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for prefix, module in func.named_modules(remove_duplicate=False):
+        if not isinstance(module, _CAST_LAYERS):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dtype == torch.float32 and p.device.type == device_type and id(p) not in seen:
+                seen.add(id(p))
+                names.append(f"{prefix}.{name}" if prefix else name)
+                params.append(p)
+    return WeightCast(tuple(names), tuple(params), autocast_dtype) if params else None
+
+
+def _call(func: Callable[..., State], t: torch.Tensor, y: Any, weights: Weights | None) -> Any:
+    """``func(t, y)``, on the 16-bit weight copies when ``weights`` is given."""
+    if weights is None:
+        return func(t, y)
+    try:
+        return torch.func.functional_call(func, dict(weights), (t, y))
+    except RuntimeError as exc:
+        if not any(sign in str(exc).lower() for sign in _DTYPE_MISMATCH):
+            raise
+        raise RuntimeError(
+            f"rampde: the vector field failed on its 16-bit weight copies ({exc}); if it runs a "
+            f"Linear/Conv layer outside autocast or needs its weights in fp32, pass "
+            f"options={{'cast_weights': 'per-use'}}"
+        ) from exc
+
+
 def _checked_field(
     func: Callable[..., State],
     shapes: tuple[torch.Size, ...] | None,
@@ -255,16 +303,16 @@ def _checked_field(
     if shapes is None:
         shape = y0.shape
 
-        def field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return check("the state", func(t, y), shape)
+        def field(t: torch.Tensor, y: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
+            return check("the state", _call(func, t, y, weights), shape)
 
         return field
 
     sizes = [math.prod(s) for s in shapes]
 
-    def tuple_field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def tuple_field(t: torch.Tensor, y: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
         parts = tuple(p.view(s) for p, s in zip(torch.split(y, sizes), shapes))
-        out = func(t, parts)
+        out = _call(func, t, parts, weights)
         if not isinstance(out, (tuple, list)) or len(out) != len(shapes):
             raise TypeError(f"func must return a tuple of {len(shapes)} tensors for a tuple state")
         return torch.cat([check(f"y[{i}]", o, s).reshape(-1) for i, (o, s) in enumerate(zip(out, shapes))])

@@ -12,15 +12,17 @@ and the time gradients are accumulated in fp32. Cost per step: ``s`` evaluations
 recomputed and ``s`` vjps (about 4s evaluation units against 3s for backprop through the solver).
 With ``keep_activations`` (the "activations" storage) the forward keeps each step's graph
 instead, its activations in 16-bit, and the backward skips the recomputation: about 3s units of
-work, at the memory of the 16-bit activations. With fp16 the cotangents are scaled by a power of two per step (see ``scaling``); one flag is read
-on the host per backward, and an overflowed backward is redone with a lower scale.
+work, at the memory of the 16-bit activations. With fp16 the cotangents are scaled by a power of
+two per step (see ``scaling``); one flag is read on the host per backward, and an overflowed
+backward is redone with a lower scale. Linear/Conv weights are cast to 16-bit once per solve
+(``WeightCast``); the trajectory keeps ``y0``'s memory layout (``channels_last`` included).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -29,7 +31,39 @@ from .tableaus import ButcherTableau
 
 log = logging.getLogger(__name__)
 
-Field = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Weights = Mapping[str, torch.Tensor]
+# f(t, y, weights): ``weights`` (or None) replaces the named parameters of the field for that call.
+Field = Callable[[torch.Tensor, torch.Tensor, "Weights | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightCast:
+    """The field's parameters that are cast to 16-bit once per solve instead of at every use.
+
+    Under autocast every Linear/Conv weight is cast again at each stage of each step (the cache
+    is off, see ``SolveSpec.autocast``): ``s`` casts per weight per step, forward and backward.
+    Instead the forward makes one 16-bit copy of each and the field runs on those copies
+    (``torch.func.functional_call``). In a graph, each stage sees its own alias of the copy (a
+    ``detach``, no new memory), so that each stage's weight gradient still reaches the fp32
+    accumulator on its own, exactly as with the per-use casts.
+    """
+
+    names: tuple[str, ...]
+    params: tuple[torch.Tensor, ...]  # the module's fp32 parameters, in the order of ``names``
+    dtype: torch.dtype
+
+    def copies(self) -> list[torch.Tensor]:
+        """One 16-bit copy of each parameter, outside any graph."""
+        with torch.no_grad():
+            return [p.detach().to(self.dtype) for p in self.params]
+
+    def shared(self, copies: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The copies themselves, for evaluations that build no graph."""
+        return dict(zip(self.names, copies))
+
+    def aliases(self, copies: list[torch.Tensor], grad: Sequence[bool]) -> list[torch.Tensor]:
+        """Fresh leaves sharing the copies' memory; those of ``grad`` collect a gradient."""
+        return [c.detach().requires_grad_(g) for c, g in zip(copies, grad)]
 
 
 @dataclass(frozen=True)
@@ -44,18 +78,19 @@ class SolveSpec:
     state_dtype: torch.dtype  # dtype in which the trajectory is kept for the backward
     scaler: DynamicScaler | None
     keep_activations: bool = False  # "activations" storage: keep each step's 16-bit graph
+    cast: WeightCast | None = None  # parameters cast to 16-bit once per solve
 
     def autocast(self) -> torch.autocast:
         """The precision context of the field: the caller's autocast, with its weight cache only
         when whole steps' graphs are kept.
 
-        Recomputing (the default), the cache is off: it would share one 16-bit copy of each
-        weight between the stages of a step and sum their weight gradients in 16-bit before the
-        cast back, whereas without it each stage's weight gradient reaches the fp32 accumulator on
-        its own (the no-grad forward does not use the cache either way); cost: one cast per
-        weight per stage. Keeping activations, the cache is on, so that every step's graph shares
-        one 16-bit copy of each weight instead of holding one per stage; the per-step vjps still
-        bring each step's weight gradient to fp32 on its own.
+        Weights of Linear/Conv layers normally come in as 16-bit copies made once per solve (see
+        ``WeightCast``), so autocast has nothing to cast for them. For any other parameter it
+        casts: recomputing (the default) with the cache off, so that each stage's weight gradient
+        reaches the fp32 accumulator on its own (the cache would sum a step's stage gradients in
+        16-bit before the cast back); cost: one cast per such parameter per stage. Keeping
+        activations, with the cache on, so that every step's graph shares one 16-bit copy of it
+        instead of holding one per stage.
         """
         return torch.autocast(
             self.device_type,
@@ -93,9 +128,14 @@ class _StepCoefficients:
 
 
 def _stages(
-    spec: SolveSpec, y: torch.Tensor, stage_t: Sequence[torch.Tensor], ha: torch.Tensor
+    spec: SolveSpec,
+    y: torch.Tensor,
+    stage_t: Sequence[torch.Tensor],
+    ha: torch.Tensor,
+    weights: Sequence[Weights | None],
 ) -> list[torch.Tensor]:
-    """The stage derivatives ``k_j`` of one step from state ``y`` (accumulation dtype)."""
+    """The stage derivatives ``k_j`` of one step from state ``y`` (accumulation dtype);
+    stage ``j`` runs the field with ``weights[j]``."""
     ks: list[torch.Tensor] = []
     for j, row in enumerate(spec.tableau.a):
         stage_y = y
@@ -103,12 +143,38 @@ def _stages(
             if a_jl != 0.0:
                 # addcmul promotes the 16-bit stage to the state's dtype inside the kernel.
                 stage_y = torch.addcmul(stage_y, ks[l], ha[j, l])
-        ks.append(spec.field(stage_t[j], stage_y))
+        ks.append(spec.field(stage_t[j], stage_y, weights[j]))
     return ks
+
+
+def _trajectory_buffer(y0: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``(length, *y0.shape)`` tensor whose every slice has ``y0``'s memory layout
+    (e.g. ``channels_last``), so that the states keep the layout the field is fastest on."""
+    like = torch.empty_like(y0, dtype=dtype)  # y0's strides when dense, else contiguous
+    order = sorted(range(y0.ndim), key=lambda d: like.stride(d), reverse=True)  # outermost first
+    base = torch.empty((length, *(y0.shape[d] for d in order)), dtype=dtype, device=y0.device)
+    return base.permute(0, *(1 + order.index(d) for d in range(y0.ndim)))
 
 
 def _weighted(tableau: ButcherTableau) -> list[int]:
     return [j for j, b in enumerate(tableau.b) if b != 0.0]
+
+
+class _ParamSlots:
+    """Where each differentiated parameter's gradient comes from in one step's vjp.
+
+    ``direct``: parameters the field uses as they are (the vjp is taken with respect to them).
+    ``cast``: those of ``spec.cast``, differentiated through each stage's alias of their 16-bit
+    copy; ``cast_of[k]`` is the index in ``spec.cast.params`` of the ``k``-th of them.
+    """
+
+    def __init__(self, spec: SolveSpec, diff_params: list[torch.Tensor]) -> None:
+        cast_index = {id(p): k for k, p in enumerate(spec.cast.params)} if spec.cast else {}
+        self.direct = [n for n, p in enumerate(diff_params) if id(p) not in cast_index]
+        self.cast = [n for n, p in enumerate(diff_params) if id(p) in cast_index]
+        self.cast_of = [cast_index[id(diff_params[n])] for n in self.cast]
+        diff_ids = {id(p) for p in diff_params}
+        self.cast_grad = [id(p) in diff_ids for p in spec.cast.params] if spec.cast else []
 
 
 @dataclass
@@ -119,22 +185,33 @@ class _StepGraph:
     t0: torch.Tensor | None  # leaves for the time gradient, when asked for
     h: torch.Tensor | None
     ks: list[torch.Tensor]
+    stage_weights: list[list[torch.Tensor]]  # per stage, its aliases of the 16-bit copies
 
-    def inputs(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.y, *params] + ([self.t0, self.h] if self.t0 is not None else [])
+    def inputs(self, params: list[torch.Tensor], slots: _ParamSlots) -> list[torch.Tensor]:
+        """Leaves of the vjp: ``y``, the direct parameters, the cast aliases stage by stage, ``t0, h``."""
+        direct = [params[n] for n in slots.direct]
+        aliases = [w[k] for w in self.stage_weights for k in slots.cast_of]
+        return [self.y, *direct, *aliases] + ([self.t0, self.h] if self.t0 is not None else [])
 
 
 def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, state: torch.Tensor,
-                i: int, need_t: bool) -> _StepGraph:
+                i: int, need_t: bool, copies: list[torch.Tensor] | None,
+                slots: _ParamSlots) -> _StepGraph:
     """Evaluates step ``i``'s stages from ``state`` with grad enabled (call under ``enable_grad``)."""
     # ``.data``, not ``.detach()``: an alias with its own version counter, so that the forward's
     # in-place writes of later states into the trajectory do not invalidate this step's kept graph.
     y = state.to(spec.acc_dtype).data.requires_grad_(True)
+    stages = range(spec.tableau.stages)
+    if spec.cast is not None and copies is not None:
+        stage_weights = [spec.cast.aliases(copies, slots.cast_grad) for _ in stages]
+        weights = [dict(zip(spec.cast.names, w)) for w in stage_weights]
+    else:
+        stage_weights, weights = [], [None for _ in stages]
     if need_t:
         t0 = grid[i].detach().requires_grad_(True)
         h = coef.h[i].detach().requires_grad_(True)
-        return _StepGraph(y, t0, h, _stages(spec, y, t0 + h * coef.c, h * coef.a))
-    return _StepGraph(y, None, None, _stages(spec, y, coef.stage_t[i], coef.ha[i]))
+        return _StepGraph(y, t0, h, _stages(spec, y, t0 + h * coef.c, h * coef.a, weights), stage_weights)
+    return _StepGraph(y, None, None, _stages(spec, y, coef.stage_t[i], coef.ha[i], weights), stage_weights)
 
 
 def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], hb: torch.Tensor,
@@ -152,22 +229,25 @@ class DiscreteAdjointSolve(torch.autograd.Function):
     def forward(ctx, spec: SolveSpec, grid: torch.Tensor, y0: torch.Tensor, *params: torch.Tensor):
         coef = _StepCoefficients.build(spec.tableau, grid)
         weighted = _weighted(spec.tableau)
-        traj = torch.empty((grid.shape[0], *y0.shape), dtype=spec.acc_dtype, device=y0.device)
+        traj = _trajectory_buffer(y0, grid.shape[0], spec.acc_dtype)
         traj[0] = y0
+        copies = spec.cast.copies() if spec.cast is not None else None
+        shared = [spec.cast.shared(copies) if copies is not None else None] * spec.tableau.stages
+        slots = _ParamSlots(spec, list(params))
         graphs: list[_StepGraph] = []
         with spec.autocast():
             for i in range(grid.shape[0] - 1):
                 if spec.keep_activations:
                     with torch.enable_grad():
-                        graph = _build_step(spec, coef, grid, traj[i], i, ctx.needs_input_grad[1])
+                        graph = _build_step(spec, coef, grid, traj[i], i, ctx.needs_input_grad[1], copies, slots)
                     graphs.append(graph)
                     ks = [k.detach() for k in graph.ks]
                 else:
-                    ks = _stages(spec, traj[i], coef.stage_t[i], coef.ha[i])
+                    ks = _stages(spec, traj[i], coef.stage_t[i], coef.ha[i], shared)
                 _update(traj[i + 1], traj[i], ks, coef.hb[i], weighted)
         keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype
         stored = traj if keep_traj else traj.to(spec.state_dtype)
-        ctx.spec, ctx.coef, ctx.graphs = spec, coef, graphs
+        ctx.spec, ctx.coef, ctx.graphs, ctx.copies = spec, coef, graphs, copies
         ctx.save_for_backward(grid, stored, *params)
         return traj
 
@@ -178,6 +258,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
         grid, stored, *params = ctx.saved_tensors
         coef = ctx.coef
         graphs, ctx.graphs = ctx.graphs, None
+        copies, ctx.copies = ctx.copies, None
         need_t = ctx.needs_input_grad[1]
         need_params = ctx.needs_input_grad[3:]
         diff_params = [p for p, need in zip(params, need_params) if need]
@@ -186,7 +267,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
 
         attempt = 0
         while True:
-            grads = _adjoint_sweep(spec, coef, grid, stored, grad_traj, diff_params, need_t, graphs)
+            grads = _adjoint_sweep(spec, coef, grid, stored, grad_traj, diff_params, need_t, graphs, copies)
             results_ok = torch.stack([torch.isfinite(g).all() for g in grads.tensors()]).all()
             incoming, states, results = torch.stack([incoming_ok, states_ok, results_ok]).tolist()
             if results or not incoming:
@@ -244,6 +325,7 @@ def _adjoint_sweep(
     diff_params: list[torch.Tensor],
     need_t: bool,
     graphs: list[_StepGraph],
+    copies: list[torch.Tensor] | None,
 ) -> _SweepResult:
     """One backward pass over all steps; gradients accumulated in the accumulation dtype.
 
@@ -255,6 +337,8 @@ def _adjoint_sweep(
     weighted = _weighted(tableau)
     h_abs = coef.h.abs()
     retain = bool(graphs) and spec.scaler is not None
+    slots = _ParamSlots(spec, diff_params)
+    n_direct, n_cast = len(slots.direct), len(slots.cast)
 
     adjoint = grad_traj[-1].to(acc, copy=True)
     g_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, acc)) for p in diff_params]
@@ -262,7 +346,7 @@ def _adjoint_sweep(
 
     with spec.autocast(), torch.enable_grad():
         for i in range(grid.shape[0] - 2, -1, -1):
-            step = graphs[i] if graphs else _build_step(spec, coef, grid, stored[i], i, need_t)
+            step = graphs[i] if graphs else _build_step(spec, coef, grid, stored[i], i, need_t, copies, slots)
             hb = coef.hb[i]
             if spec.scaler is not None:
                 scale, inv_scale = spec.scaler.step_scale(adjoint, h_abs[i])
@@ -275,7 +359,7 @@ def _adjoint_sweep(
                 if step.ks[j].requires_grad:
                     outputs.append(step.ks[j])
                     cotangents.append((cotangent * hb[j]).to(step.ks[j].dtype))
-            inputs = step.inputs(diff_params)
+            inputs = step.inputs(diff_params, slots)
             if outputs:
                 vjps = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, retain_graph=retain)
             else:
@@ -296,9 +380,14 @@ def _adjoint_sweep(
                 g_grid[i] -= dh
                 g_grid[i + 1] += dh
 
-            for g, v in zip(g_params, vjps[1 : 1 + len(diff_params)]):
+            for n, v in zip(slots.direct, vjps[1 : 1 + n_direct]):
                 if v is not None:
-                    g.add_(v)
+                    g_params[n].add_(v)
+            # The cast parameters' aliases, stage-major: each stage's gradient added on its own.
+            stage_vjps = vjps[1 + n_direct : 1 + n_direct + n_cast * len(step.stage_weights)]
+            for k, v in enumerate(stage_vjps):
+                if v is not None:
+                    g_params[slots.cast[k % n_cast]].add_(v)
             if vjps[0] is not None:
                 adjoint.add_(vjps[0])
             adjoint.add_(grad_traj[i])

@@ -1,0 +1,274 @@
+"""The solver's fast paths, guarded against the per-use casts and the fp64 reference on the CPU.
+
+- ``cast_weights="once"`` (default): Linear/Conv weights cast to 16-bit once per solve. With the
+  default storage it must give bitwise the same solution and gradients as autocast's per-use
+  casts (same 16-bit values, each stage's weight gradient added to the fp32 accumulator on its
+  own); with ``storage="activations"`` it must equal the default storage, which the per-use path
+  (autocast's cache, stage gradients summed in 16-bit) does not.
+- Trajectories keep ``y0``'s memory layout (``channels_last`` for convolutions).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rampde
+from helpers import MLPField, flat, rel_err
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+class ConvField(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.tanh(self.c1(y)))
+
+
+def _case(kind: str):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return MLPField(16), torch.randn(8, 16)
+    return ConvField(4), torch.randn(2, 4, 6, 6)
+
+
+def _solve(field, y0, t, dtype, **options):
+    """Solution, y0 gradient, parameter gradients (and t's when t requires grad) of mean(y(T)^2)."""
+    y0 = y0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        sol = rampde.odeint(field, y0, t, method="rk4", options=options)
+    loss = sol[-1].float().pow(2).mean()
+    params = [p for p in field.parameters() if p.requires_grad]
+    inputs = [y0, *params] + ([t] if t.requires_grad else [])
+    grads = torch.autograd.grad(loss, inputs)
+    return {"sol": sol.detach(), "y0": grads[0], "params": flat(grads[1 : 1 + len(params)]),
+            "t": grads[-1] if t.requires_grad else None}
+
+
+def _assert_same(a, b):
+    for key in ("sol", "y0", "params", "t"):
+        if a[key] is not None:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_cast_once_is_bitwise_the_per_use_cast(kind, dtype):
+    field, y0 = _case(kind)
+    t = torch.linspace(0, 1, 6)
+    once = _solve(field, y0, t, dtype)
+    per_use = _solve(field, y0, t, dtype, cast_weights="per-use")
+    _assert_same(once, per_use)
+    assert once["params"].abs().sum() > 0 and once["y0"].abs().sum() > 0
+
+
+def test_cast_once_time_gradient_is_bitwise_the_per_use_cast():
+    field, y0 = _case("mlp")
+    t = torch.linspace(0, 1, 5).requires_grad_()
+    once = _solve(field, y0, t, torch.bfloat16)
+    per_use = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+    assert once["t"].abs().sum() > 0
+    _assert_same(once, per_use)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_activations_storage_gives_the_default_storage_gradients(kind, dtype):
+    field, y0 = _case(kind)
+    t = torch.linspace(0, 1, 6)
+    fast = _solve(field, y0, t, dtype, storage="activations")
+    lean = _solve(field, y0, t, dtype)
+    _assert_same(fast, lean)
+    # Autocast's weight cache (the per-use path) sums a step's stage gradients in 16-bit first.
+    cached = _solve(field, y0, t, dtype, storage="activations", cast_weights="per-use")
+    assert not torch.equal(cached["params"], lean["params"])
+
+
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_cast_once_accuracy_against_fp64(storage):
+    field, y0 = _case("mlp")
+    t = torch.linspace(0, 1, 9)
+    ref = _solve(copy.deepcopy(field).double(), y0.double(), t.double(), None)
+    once = _solve(field, y0, t, torch.bfloat16, storage=storage)
+    per_use = _solve(field, y0, t, torch.bfloat16, storage=storage, cast_weights="per-use")
+    err_once = rel_err(once["params"], ref["params"])
+    assert err_once < 1e-2
+    assert err_once <= rel_err(per_use["params"], ref["params"]) * (1 + 1e-6)
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts fp32 -> 16-bit copies of tensors shaped like the given weights."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes = {tuple(s) for s in shapes}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            src = args[0]
+            if src.dtype == torch.float32 and kwargs.get("dtype") in LOW and tuple(src.shape) in self.shapes:
+                self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_cast_once_casts_each_weight_once_per_solve(storage):
+    field, y0 = _case("mlp")
+    steps = 4
+    t = torch.linspace(0, 1, steps + 1)
+    shapes = [field.l1.weight.shape, field.l2.weight.shape]
+    counts = {}
+    for mode in ("once", "per-use"):
+        with _WeightCasts(shapes) as casts:
+            _solve(field, y0, t, torch.bfloat16, storage=storage, cast_weights=mode)
+        counts[mode] = casts.count
+    assert counts["once"] == len(shapes)
+    if storage == "states":  # recomputing, autocast casts each weight at every stage
+        assert counts["per-use"] >= len(shapes) * steps * 4
+    else:  # keeping graphs, autocast's cache already shares one copy per solve
+        assert counts["per-use"] == len(shapes)
+
+
+def test_frozen_and_excluded_parameters():
+    field, y0 = _case("mlp")
+    t = torch.linspace(0, 1, 5)
+    field.l1.weight.requires_grad_(False)
+    try:
+        once = _solve(field, y0, t, torch.bfloat16)
+        per_use = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+        _assert_same(once, per_use)
+    finally:
+        field.l1.weight.requires_grad_(True)
+    # A Module with an explicit params= subset: only those get gradients; the others are still cast.
+    y = y0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = rampde.odeint(field, y, t, params=[field.l2.weight])
+    (g_w2,) = torch.autograd.grad(sol[-1].float().pow(2).mean(), [field.l2.weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = rampde.odeint(field, y, t, options={"cast_weights": "per-use"}, params=[field.l2.weight])
+    (g_ref,) = torch.autograd.grad(sol[-1].float().pow(2).mean(), [field.l2.weight])
+    assert torch.equal(g_w2, g_ref)
+
+
+class _Tied(torch.nn.Module):
+    """One Linear applied twice, and a second Linear sharing its weight."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(width, width)
+        self.b = torch.nn.Linear(width, width, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, t, y):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(y)))))
+
+
+def test_weights_used_several_times_per_evaluation():
+    """Tied or reused weights work; their uses within one evaluation share one 16-bit copy, so those
+    uses' gradients are summed in 16-bit before reaching fp32 (per-use casts keep them apart)."""
+    torch.manual_seed(1)
+    field, y0 = _Tied(8), torch.randn(4, 8)
+    t = torch.linspace(0, 1, 5)
+    ref = _solve(copy.deepcopy(field).double(), y0.double(), t.double(), None)
+    once = _solve(field, y0, t, torch.bfloat16)
+    per_use = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+    assert torch.equal(once["sol"], per_use["sol"])
+    assert rel_err(once["params"], per_use["params"]) < 1e-2
+    assert rel_err(once["params"], ref["params"]) < 2e-2
+    assert rel_err(once["y0"], ref["y0"]) < 2e-2
+
+
+def test_parameters_are_the_same_objects_after_the_solve():
+    field, y0 = _case("mlp")
+    before = {name: (p, p.detach().clone()) for name, p in field.named_parameters()}
+    _solve(field, y0, torch.linspace(0, 1, 4), torch.bfloat16, storage="activations")
+    for name, p in field.named_parameters():
+        assert p is before[name][0], name
+        assert torch.equal(p, before[name][1]), name
+        assert p.dtype == torch.float32
+
+
+class _FP32Island(torch.nn.Module):
+    """Runs its layer outside autocast: it needs the fp32 weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, t, y):
+        with torch.autocast("cpu", enabled=False):
+            return self.lin(y.float())
+
+
+def test_field_that_needs_fp32_weights_gets_a_clear_error_and_a_way_out():
+    field, y0 = _FP32Island(), torch.randn(2, 4)
+    t = torch.linspace(0, 1, 3)
+    with pytest.raises(RuntimeError, match="cast_weights"):
+        _solve(field, y0, t, torch.bfloat16)
+    out = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+    assert torch.isfinite(out["params"]).all()
+
+
+def test_tuple_state_with_cast_weights():
+    torch.manual_seed(2)
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, t, y):
+            a, b = y
+            return self.lin(b), -self.lin(a)
+
+    field = Pair()
+    y0 = (torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True))
+    grads = {}
+    for mode in ("once", "per-use"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = rampde.odeint(field, y0, torch.linspace(0, 1, 4), options={"cast_weights": mode})
+        grads[mode] = torch.autograd.grad((a[-1] * b[-1]).sum(), [*y0, *field.parameters()])
+    for x, y in zip(grads["once"][:2], grads["per-use"][:2]):  # the adjoint is the same
+        assert torch.equal(x, y)
+    for x, y in zip(grads["once"][2:], grads["per-use"][2:]):  # lin is used twice per evaluation
+        assert rel_err(x, y) < 2e-2
+
+
+def test_cast_weights_option_is_checked():
+    field, y0 = _case("mlp")
+    with pytest.raises(ValueError, match=r"options\['cast_weights'\]"):
+        rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"cast_weights": "never"})
+
+
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_channels_last_state_keeps_its_layout_and_values(storage):
+    field, y0 = _case("conv")
+    t = torch.linspace(0, 1, 5)
+    y_cl = y0.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sol = rampde.odeint(field, y_cl, t, options={"storage": storage})
+    assert all(sol[i].is_contiguous(memory_format=torch.channels_last) for i in range(sol.shape[0]))
+    plain = _solve(field, y0, t, torch.bfloat16, storage=storage)
+    cl = _solve(field.to(memory_format=torch.channels_last), y_cl, t, torch.bfloat16, storage=storage)
+    assert rel_err(cl["sol"], plain["sol"]) < 1e-2
+    assert rel_err(cl["params"], plain["params"]) < 2e-2
+    assert cl["y0"].shape == y0.shape
+
+
+def test_channels_last_fp64_matches_contiguous_exactly_enough():
+    field, y0 = _case("conv")
+    field = field.double()
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    plain = _solve(field, y0.double(), t, None)
+    cl = _solve(field, y0.double().contiguous(memory_format=torch.channels_last), t, None)
+    assert rel_err(cl["sol"], plain["sol"]) < 1e-12
+    assert rel_err(cl["params"], plain["params"]) < 1e-12
