@@ -222,6 +222,25 @@ def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], hb: torc
         out.addcmul_(ks[j], hb[j])
 
 
+def _unscaled(v: torch.Tensor, acc: torch.dtype, inv_scale: torch.Tensor | None) -> torch.Tensor:
+    return v.to(acc) if inv_scale is None else v.to(acc) * inv_scale
+
+
+def _accumulate(pairs: list[tuple[torch.Tensor, torch.Tensor]], inv_scale: torch.Tensor | None) -> None:
+    """``g += v`` (or ``g += v * inv_scale``) for each pair, in ``g``'s dtype, in one foreach call.
+
+    The targets must be distinct tensors: a multi-tensor kernel may update them concurrently.
+    """
+    if not pairs:
+        return
+    targets = [g for g, _ in pairs]
+    updates = [v for _, v in pairs]
+    if inv_scale is None:
+        torch._foreach_add_(targets, updates)
+    else:
+        torch._foreach_addcmul_(targets, updates, [inv_scale] * len(pairs))
+
+
 class DiscreteAdjointSolve(torch.autograd.Function):
     """``traj = DiscreteAdjointSolve.apply(spec, grid, y0, *params)``: the states at every grid point."""
 
@@ -364,32 +383,28 @@ def _adjoint_sweep(
                 vjps = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, retain_graph=retain)
             else:
                 vjps = (None,) * len(inputs)
-            if inv_scale is not None:
-                vjps = tuple(None if v is None else v.to(acc) * inv_scale for v in vjps)
-
             if need_t:
                 # y_next = y + h sum_j b_j k_j also depends on h directly.
                 flat_adj = adjoint.reshape(-1)
                 dh_direct = sum(
                     tableau.b[j] * torch.dot(flat_adj, step.ks[j].detach().reshape(-1).to(acc)) for j in weighted
                 )
-                dt0, dh = vjps[-2], vjps[-1]
+                dt0, dh = (None if v is None else _unscaled(v, acc, inv_scale) for v in vjps[-2:])
                 dh = dh_direct if dh is None else dh + dh_direct
                 if dt0 is not None:
                     g_grid[i] += dt0
                 g_grid[i] -= dh
                 g_grid[i + 1] += dh
 
-            for n, v in zip(slots.direct, vjps[1 : 1 + n_direct]):
-                if v is not None:
-                    g_params[n].add_(v)
-            # The cast parameters' aliases, stage-major: each stage's gradient added on its own.
-            stage_vjps = vjps[1 + n_direct : 1 + n_direct + n_cast * len(step.stage_weights)]
-            for k, v in enumerate(stage_vjps):
-                if v is not None:
-                    g_params[slots.cast[k % n_cast]].add_(v)
-            if vjps[0] is not None:
-                adjoint.add_(vjps[0])
+            # One multi-tensor update per group of distinct targets: the adjoint and the direct
+            # parameters, then each stage's aliases of the cast ones (each added on its own in fp32).
+            groups = [[(adjoint, vjps[0]), *((g_params[n], v) for n, v in zip(slots.direct, vjps[1:]))]]
+            first_alias = 1 + n_direct
+            for j in range(len(step.stage_weights)):
+                stage_vjps = vjps[first_alias + j * n_cast : first_alias + (j + 1) * n_cast]
+                groups.append([(g_params[n], v) for n, v in zip(slots.cast, stage_vjps)])
+            for group in groups:
+                _accumulate([(g, v) for g, v in group if v is not None], inv_scale)
             adjoint.add_(grad_traj[i])
 
     return _SweepResult(y0=adjoint, params=g_params, grid=g_grid)
