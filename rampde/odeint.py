@@ -57,7 +57,8 @@ def odeint(
             makes many more steps than outputs); ``cast_weights``: ``"once"`` (default: under
             fp16/bf16 autocast, the fp32 weights and biases of the ``nn.Linear``, ``nn.Bilinear``
             and convolution layers of an ``nn.Module`` field are cast to 16-bit once per solve,
-            and the field runs on those copies through ``torch.func.functional_call``) or
+            and each evaluation runs with those copies in the layers' parameter slots, as
+            ``torch.func.functional_call`` does; the parameters are put back after it) or
             ``"per-use"`` (autocast casts them at every use: for a field that runs such a layer
             outside autocast, or uses its weight where 16-bit would not do).
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
@@ -95,7 +96,7 @@ def odeint(
 
     cast = _weight_cast(func, autocast_dtype, device_type) if cast_weights == "once" else None
     spec = SolveSpec(
-        field=_checked_field(func, shapes, y0_flat, acc_dtype, autocast_dtype),
+        field=_checked_field(func, cast, shapes, y0_flat, acc_dtype, autocast_dtype),
         tableau=tableau,
         device_type=device_type,
         autocast_dtype=autocast_dtype,
@@ -245,29 +246,33 @@ def _resolve_state_dtype(option: Any, acc_dtype: torch.dtype, autocast_dtype: to
 
 
 def _weight_cast(func: Any, autocast_dtype: torch.dtype | None, device_type: str) -> WeightCast | None:
-    """The fp32 parameters of ``func``'s Linear/Conv layers on the autocast device, to cast once."""
+    """The fp32 parameters of ``func``'s Linear/Conv layers on the autocast device, to cast once,
+    with every place each of them sits (a tied weight sits in several modules)."""
     if autocast_dtype not in _LOW_PRECISION or not isinstance(func, torch.nn.Module):
         return None
-    names: list[str] = []
-    params: list[torch.Tensor] = []
-    seen: set[int] = set()
-    for prefix, module in func.named_modules(remove_duplicate=False):
-        if not isinstance(module, _CAST_LAYERS):
-            continue
-        for name, p in module.named_parameters(recurse=False):
-            if p.dtype == torch.float32 and p.device.type == device_type and id(p) not in seen:
-                seen.add(id(p))
-                names.append(f"{prefix}.{name}" if prefix else name)
-                params.append(p)
-    return WeightCast(tuple(names), tuple(params), autocast_dtype) if params else None
+    slots: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    params: dict[int, torch.Tensor] = {}
+    for module in func.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, name))
+                params[id(p)] = p
+    # Cast: fp32 parameters on the device that sit in Linear/Conv layers only (a tied one may sit in several).
+    cast = [k for k, p in params.items() if p.dtype == torch.float32 and p.device.type == device_type
+            and all(isinstance(m, _CAST_LAYERS) for m, _ in slots[k])]
+    if not cast:
+        return None
+    return WeightCast(tuple(params[k] for k in cast), tuple(tuple(slots[k]) for k in cast), autocast_dtype)
 
 
-def _call(func: Callable[..., State], t: torch.Tensor, y: Any, weights: Weights | None) -> Any:
+def _call(func: Callable[..., State], cast: WeightCast | None, t: torch.Tensor, y: Any,
+          weights: Weights | None) -> Any:
     """``func(t, y)``, on the 16-bit weight copies when ``weights`` is given."""
-    if weights is None:
+    if weights is None or cast is None:
         return func(t, y)
     try:
-        return torch.func.functional_call(func, dict(weights), (t, y))
+        with cast.installed(weights):
+            return func(t, y)
     except RuntimeError as exc:
         if not any(sign in str(exc).lower() for sign in _DTYPE_MISMATCH):
             raise
@@ -280,6 +285,7 @@ def _call(func: Callable[..., State], t: torch.Tensor, y: Any, weights: Weights 
 
 def _checked_field(
     func: Callable[..., State],
+    cast: WeightCast | None,
     shapes: tuple[torch.Size, ...] | None,
     y0: torch.Tensor,
     acc_dtype: torch.dtype,
@@ -304,7 +310,7 @@ def _checked_field(
         shape = y0.shape
 
         def field(t: torch.Tensor, y: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
-            return check("the state", _call(func, t, y, weights), shape)
+            return check("the state", _call(func, cast, t, y, weights), shape)
 
         return field
 
@@ -312,7 +318,7 @@ def _checked_field(
 
     def tuple_field(t: torch.Tensor, y: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
         parts = tuple(p.view(s) for p, s in zip(torch.split(y, sizes), shapes))
-        out = _call(func, t, parts, weights)
+        out = _call(func, cast, t, parts, weights)
         if not isinstance(out, (tuple, list)) or len(out) != len(shapes):
             raise TypeError(f"func must return a tuple of {len(shapes)} tensors for a tuple state")
         return torch.cat([check(f"y[{i}]", o, s).reshape(-1) for i, (o, s) in enumerate(zip(out, shapes))])

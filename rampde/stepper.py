@@ -20,9 +20,10 @@ backward is redone with a lower scale. Linear/Conv weights are cast to 16-bit on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -31,8 +32,8 @@ from .tableaus import ButcherTableau
 
 log = logging.getLogger(__name__)
 
-Weights = Mapping[str, torch.Tensor]
-# f(t, y, weights): ``weights`` (or None) replaces the named parameters of the field for that call.
+Weights = Sequence[torch.Tensor]
+# f(t, y, weights): ``weights`` (or None) stands in for the parameters of ``SolveSpec.cast`` in that call.
 Field = Callable[[torch.Tensor, torch.Tensor, "Weights | None"], torch.Tensor]
 
 
@@ -42,14 +43,16 @@ class WeightCast:
 
     Under autocast every Linear/Conv weight is cast again at each stage of each step (the cache
     is off, see ``SolveSpec.autocast``): ``s`` casts per weight per step, forward and backward.
-    Instead the forward makes one 16-bit copy of each and the field runs on those copies
-    (``torch.func.functional_call``). In a graph, each stage sees its own alias of the copy (a
-    ``detach``, no new memory), so that each stage's weight gradient still reaches the fp32
-    accumulator on its own, exactly as with the per-use casts.
+    Instead the forward makes one 16-bit copy of each, and each evaluation of the field runs with
+    the copies in the modules' parameter slots (as ``torch.func.functional_call`` does, without
+    its per-call bookkeeping); the parameters are put back when the evaluation returns. In a
+    graph, each stage sees its own alias of the copy (a ``detach``, no new memory), so that each
+    stage's weight gradient still reaches the fp32 accumulator on its own, exactly as with the
+    per-use casts.
     """
 
-    names: tuple[str, ...]
-    params: tuple[torch.Tensor, ...]  # the module's fp32 parameters, in the order of ``names``
+    params: tuple[torch.Tensor, ...]  # the module's fp32 parameters
+    slots: tuple[tuple[tuple[torch.nn.Module, str], ...], ...]  # per parameter, where it sits
     dtype: torch.dtype
 
     def copies(self) -> list[torch.Tensor]:
@@ -57,13 +60,22 @@ class WeightCast:
         with torch.no_grad():
             return [p.detach().to(self.dtype) for p in self.params]
 
-    def shared(self, copies: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The copies themselves, for evaluations that build no graph."""
-        return dict(zip(self.names, copies))
-
     def aliases(self, copies: list[torch.Tensor], grad: Sequence[bool]) -> list[torch.Tensor]:
         """Fresh leaves sharing the copies' memory; those of ``grad`` collect a gradient."""
         return [c.detach().requires_grad_(g) for c, g in zip(copies, grad)]
+
+    @contextlib.contextmanager
+    def installed(self, weights: Weights) -> Iterator[None]:
+        """``weights`` in the parameters' slots for the block; the parameters back after it."""
+        for slots, w in zip(self.slots, weights):
+            for module, name in slots:
+                module._parameters[name] = w
+        try:
+            yield
+        finally:
+            for slots, p in zip(self.slots, self.params):
+                for module, name in slots:
+                    module._parameters[name] = p
 
 
 @dataclass(frozen=True)
@@ -204,7 +216,7 @@ def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, st
     stages = range(spec.tableau.stages)
     if spec.cast is not None and copies is not None:
         stage_weights = [spec.cast.aliases(copies, slots.cast_grad) for _ in stages]
-        weights = [dict(zip(spec.cast.names, w)) for w in stage_weights]
+        weights: list[Weights | None] = list(stage_weights)
     else:
         stage_weights, weights = [], [None for _ in stages]
     if need_t:
@@ -251,7 +263,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
         traj = _trajectory_buffer(y0, grid.shape[0], spec.acc_dtype)
         traj[0] = y0
         copies = spec.cast.copies() if spec.cast is not None else None
-        shared = [spec.cast.shared(copies) if copies is not None else None] * spec.tableau.stages
+        shared = [copies] * spec.tableau.stages
         slots = _ParamSlots(spec, list(params))
         graphs: list[_StepGraph] = []
         with spec.autocast():

@@ -211,9 +211,11 @@ class _FP32Island(torch.nn.Module):
 
 def test_field_that_needs_fp32_weights_gets_a_clear_error_and_a_way_out():
     field, y0 = _FP32Island(), torch.randn(2, 4)
+    weight = field.lin.weight
     t = torch.linspace(0, 1, 3)
     with pytest.raises(RuntimeError, match="cast_weights"):
         _solve(field, y0, t, torch.bfloat16)
+    assert field.lin.weight is weight  # put back although the field raised
     out = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
     assert torch.isfinite(out["params"]).all()
 
