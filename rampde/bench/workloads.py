@@ -8,7 +8,9 @@ Losses are computed in fp32 (or in the state's dtype when that is wider, for the
 - ``mlp``: state ``(batch, width)``; ``Linear(width+1, width)`` on ``[y, t]``, tanh,
   ``Linear(width, width)``. Loss ``mean(y(T)**2)``.
 - ``conv``: state ``(batch, width, 32, 32)``; 3x3 conv, tanh, 3x3 conv, padding 1, ``width``
-  channels in and out, no time input. Loss ``mean(y(T)**2)``.
+  channels in and out, no time input. Loss ``mean(y(T)**2)``. With ``channels_last=True`` the
+  conv weights and ``y0`` are in ``torch.channels_last`` memory format (same values, NHWC strides:
+  what cuDNN's tensor-core kernels read without a transposition).
 - ``cnf``: a continuous normalizing flow on two-moons samples; state ``(batch, 3)`` = 2-D point
   and log-density change; the trace of the field's Jacobian is exact and in closed form (no
   autograd inside the field). Loss: mean negative log-likelihood under a standard normal base.
@@ -160,6 +162,7 @@ class Workload:
     t_end: float = 1.0
     seed: int = 0
     info: dict = field(default_factory=dict)
+    channels_last: bool = False  # conv only: weights and y0 in torch.channels_last memory format
 
     @property
     def device(self) -> torch.device:
@@ -191,7 +194,8 @@ class Workload:
         return int(self.field.flops(self.batch))
 
     def describe(self) -> str:
-        return f"{self.name}(width={self.width}, batch={self.batch}, device={self.device}, seed={self.seed})"
+        layout = ", channels_last" if self.channels_last else ""
+        return f"{self.name}(width={self.width}, batch={self.batch}, device={self.device}, seed={self.seed}{layout})"
 
 
 # ----------------------------------------------------------------------------- data
@@ -252,6 +256,13 @@ def _build_cnf(width: int, batch: int, device: torch.device, seed: int) -> Workl
     return Workload("cnf", width, batch, fld.to(device), y0.to(device), cnf_nll_loss, seed=seed)
 
 
+def _to_channels_last(workload: Workload) -> Workload:
+    """The conv workload with its 4-D weights and ``y0`` in ``torch.channels_last`` (same values)."""
+    fld = workload.field.to(memory_format=torch.channels_last)  # converts the 4-D parameters only
+    y0 = workload.y0.contiguous(memory_format=torch.channels_last)
+    return replace(workload, field=fld, y0=y0, channels_last=True)
+
+
 Builder = Callable[[int, int, torch.device, int], Workload]
 WORKLOADS: dict[str, Builder] = {"mlp": _build_mlp, "conv": _build_conv, "cnf": _build_cnf}
 
@@ -271,14 +282,21 @@ def build_workload(
     batch: int | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    channels_last: bool = False,
 ) -> Workload:
     """Builds workload ``name`` (``mlp``, ``conv`` or ``cnf``) in fp32 on ``device``.
 
     ``batch`` defaults to :data:`DEFAULT_BATCH` (2048 for the MLP, 64 for conv, 1024 for the CNF).
     Widths and batches must be multiples of 8; a bad argument raises ``ValueError`` naming it.
+    ``channels_last`` (conv only) puts the conv weights and ``y0`` in ``torch.channels_last``
+    memory format: the same numbers, another layout.
     """
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True or False, got {channels_last!r}")
+    if channels_last and name != "conv":
+        raise ValueError(f"channels_last applies to the conv workload only, not {name!r}")
     width = _check_size("width", width)
     batch = _check_size("batch", DEFAULT_BATCH[name] if batch is None else batch)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -288,5 +306,7 @@ def build_workload(
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
     workload = WORKLOADS[name](width, batch, dev, seed)
+    if channels_last:
+        workload = _to_channels_last(workload)
     log.debug("built workload %s", workload.describe())
     return workload

@@ -75,3 +75,43 @@ def test_unknown_workload_lists_the_known_ones():
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         build_workload("mlp", width=8, batch=8).time_grid(0)
+
+
+def test_channels_last_conv_has_the_same_values_in_the_other_layout():
+    plain = build_workload("conv", width=8, batch=8, seed=2)
+    nhwc = build_workload("conv", width=8, batch=8, seed=2, channels_last=True)
+    fmt = torch.channels_last
+    assert nhwc.channels_last and not plain.channels_last
+    assert plain.y0.is_contiguous() and not nhwc.y0.is_contiguous()
+    assert nhwc.y0.is_contiguous(memory_format=fmt)
+    assert all(p.is_contiguous(memory_format=fmt) for p in nhwc.field.parameters() if p.dim() == 4)
+    assert torch.equal(nhwc.y0, plain.y0)
+    assert all(torch.equal(p, q) for p, q in zip(nhwc.field.parameters(), plain.field.parameters()))
+    t = torch.tensor(0.5)
+    out_plain, out_nhwc = plain.field(t, plain.y0), nhwc.field(t, nhwc.y0)
+    assert out_nhwc.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out_nhwc, out_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nhwc.loss_fn(out_nhwc), plain.loss_fn(out_plain), rtol=1e-6, atol=0)
+    wide = nhwc.to(torch.float64)  # the fp64 reference copy keeps the layout
+    assert wide.channels_last and wide.y0.is_contiguous(memory_format=fmt)
+    assert "channels_last" in nhwc.describe()
+
+
+def test_channels_last_solve_gives_the_same_loss_and_gradients():
+    from rampde.bench.competitors import get_competitor
+
+    run = get_competitor("torchdiffeq-fp32").run
+    plain = run(build_workload("conv", width=8, batch=8), 2)
+    nhwc = run(build_workload("conv", width=8, batch=8, channels_last=True), 2)
+    torch.testing.assert_close(nhwc.loss, plain.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(nhwc.grad_y0, plain.grad_y0, rtol=1e-4, atol=1e-7)
+    for g, h in zip(nhwc.grad_params, plain.grad_params):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnf"])
+def test_channels_last_is_for_the_conv_workload_only(name):
+    with pytest.raises(ValueError, match="channels_last applies to the conv workload only"):
+        build_workload(name, width=8, batch=8, channels_last=True)
+    with pytest.raises(ValueError, match="channels_last must be True or False"):
+        build_workload("conv", width=8, batch=8, channels_last="yes")
