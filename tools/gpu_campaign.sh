@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements the benchmark issues need, step by step, each bounded in time.
 #
-#   tools/gpu_campaign.sh [STEP ...]        STEP: quick paper pytest asv train (default: all)
+#   tools/gpu_campaign.sh [STEP ...]        STEP: perf quick paper pytest asv train (default: all)
 #
-# Results go to reports/<gpu-model>/ (results.csv, timelines.csv, pytest-benchmark.json),
+# perf (issue 8, first): the perf suite into reports/<gpu-model>/, then the ablation of rampde's
+# options (perf/ablation.csv) and the torch.profiler tables (perf/profile/) of
+# `python -m rampde.bench.profiling ablate|profile`, each of the three bounded by PERF_S.
+# Results go to reports/<gpu-model>/ (results.csv, timelines.csv, pytest-benchmark.json, perf/),
 # reports/asv/results/<gpu-model>/ and reports/training/<gpu-model>/. A step stopped by its limit
-# (SIGINT) keeps what it finished: sweeps and training write atomically as they go, and a rerun
-# resumes. Limits in seconds: QUICK_S, PAPER_S, PYTEST_S, ASV_S, TRAIN_S; PYTHON picks the
+# (SIGINT) keeps what it finished: sweeps, the ablation and training write atomically as they go,
+# and a rerun of a sweep or training resumes (the ablation and the profiles start afresh).
+# Limits in seconds: PERF_S, QUICK_S, PAPER_S, PYTEST_S, ASV_S, TRAIN_S; PYTHON picks the
 # interpreter (one with rampde installed, e.g. `pip install --no-deps -e .`).
 set -u
 py=${PYTHON:-python3}
@@ -27,6 +31,11 @@ step() {
 
 run_step() {
     case "$1" in
+    perf)
+        step "${PERF_S:-240}" "$py" -m rampde.bench run --suite perf --out "$dir"
+        step "${PERF_S:-240}" "$py" -m rampde.bench.profiling ablate --out "$dir/perf"
+        step "${PERF_S:-240}" "$py" -m rampde.bench.profiling profile --out "$dir/perf"
+        ;;
     quick) step "${QUICK_S:-480}" "$py" -m rampde.bench run --suite quick --out "$dir" ;;
     paper) step "${PAPER_S:-540}" "$py" -m rampde.bench run --suite paper --out "$dir" ;;
     pytest) step "${PYTEST_S:-480}" "$py" -m pytest tests/benchmarks --benchmark-only -q -p no:cacheprovider \
@@ -36,11 +45,11 @@ run_step() {
         step "${TRAIN_S:-270}" "$py" -m rampde.bench train --task digits --epochs 15 --out "reports/training/$gpu"
         step "${TRAIN_S:-270}" "$py" -m rampde.bench train --task cnf --epochs 20 --out "reports/training/$gpu"
         ;;
-    *) echo "gpu_campaign: unknown step $1 (quick paper pytest asv train)" >&2; return 2 ;;
+    *) echo "gpu_campaign: unknown step $1 (perf quick paper pytest asv train)" >&2; return 2 ;;
     esac
 }
 
 "$py" -m rampde.bench env --device cuda
-for s in "${@:-quick paper pytest asv train}"; do
+for s in "${@:-perf quick paper pytest asv train}"; do
     for one in $s; do run_step "$one"; done
 done

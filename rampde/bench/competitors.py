@@ -152,7 +152,11 @@ def _reversible(coupling: float) -> Callable[[Workload, int], RunOutput]:
     return run
 
 
-def _rampde(autocast_dtype: torch.dtype | None, storage: str) -> Callable[[Workload, int], RunOutput]:
+def rampde_run(autocast_dtype: torch.dtype | None, options: dict) -> Callable[[Workload, int], RunOutput]:
+    """rampde's forward+backward with these odeint ``options``: ``y0`` a leaf, TF32 off, autocast
+    in ``autocast_dtype`` around the solve and the loss of ``y(T)``, autograd's backward; in fp16
+    one ``DynamicScaler`` kept across the runs of this function."""
+    options = dict(options)
     scaler_box: dict[str, object] = {}
 
     def run(workload: Workload, steps: int) -> RunOutput:
@@ -165,7 +169,7 @@ def _rampde(autocast_dtype: torch.dtype | None, storage: str) -> Callable[[Workl
         y0 = _leaf(workload)
         with tf32(False), _autocast(workload, autocast_dtype):
             sol = rampde.odeint(workload.field, y0, workload.time_grid(steps), method=METHOD,
-                                options={"storage": storage}, loss_scaler=scaler)
+                                options=dict(options), loss_scaler=scaler)
             out = _finish(workload, y0, sol[-1])
         if scaler is not None:
             out.extra.update(scaler_retries=scaler.retries - retries_before, scale_log2=scaler.target_log2)
@@ -208,15 +212,15 @@ _REGISTRY: dict[str, Competitor] = {
                    f"McCallum-Foster algebraically reversible rk4 (coupling {REVERSIBLE_COUPLING}), exact inversion",
                    "O(1): 2*S + 2*s*A", "reversible", _reversible(REVERSIBLE_COUPLING)),
         Competitor("rampde-fp32", "fp32", "rampde, fp32, discrete adjoint recomputing each step",
-                   "(N+1)*S + s*A", "rk4-discrete", _rampde(None, "states")),
+                   "(N+1)*S + s*A", "rk4-discrete", rampde_run(None, {})),
         Competitor("rampde-fp16", "fp16", "rampde, fp16 field, fp32 state and adjoint, dynamic adjoint scaling",
-                   "(N+1)*S + s*A/2", "rk4-discrete", _rampde(torch.float16, "states")),
+                   "(N+1)*S + s*A/2", "rk4-discrete", rampde_run(torch.float16, {})),
         Competitor("rampde-bf16", "bf16", "rampde, bf16 field, fp32 state and adjoint",
-                   "(N+1)*S + s*A/2", "rk4-discrete", _rampde(torch.bfloat16, "states")),
+                   "(N+1)*S + s*A/2", "rk4-discrete", rampde_run(torch.bfloat16, {})),
         Competitor("rampde-fp16-fast", "fp16", "rampde, fp16, keeps 16-bit stage activations (no recompute)",
-                   "(N+1)*S + N*s*A/2", "rk4-discrete", _rampde(torch.float16, "activations")),
+                   "(N+1)*S + N*s*A/2", "rk4-discrete", rampde_run(torch.float16, {"storage": "activations"})),
         Competitor("rampde-bf16-fast", "bf16", "rampde, bf16, keeps 16-bit stage activations (no recompute)",
-                   "(N+1)*S + N*s*A/2", "rk4-discrete", _rampde(torch.bfloat16, "activations")),
+                   "(N+1)*S + N*s*A/2", "rk4-discrete", rampde_run(torch.bfloat16, {"storage": "activations"})),
     ]
 }
 

@@ -1,0 +1,268 @@
+"""rampde.bench.profiling on the CPU: the ablation and the profiler end to end at tiny sizes, an
+out-of-memory variant as a row, an option this rampde refuses as "unsupported", the CUDA summary
+from fake profiler events, the name patterns, and every bad value refused naming its option."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+import rampde
+from rampde.bench import profiling
+from rampde.bench.competitors import Competitor, get_competitor
+from rampde.bench.profiling import (ABLATION_COLUMNS, MARK, SUMMARY_KEYS, TOP_COLUMNS, PerfCell, ablation_variants,
+                                    categorise_kernel, categorise_op, main, rampde_run, run_ablation, run_profiles)
+from rampde.bench.workloads import build_workload
+
+TINY = ["--device", "cpu", "--widths", "8", "--batch", "8", "--steps", "2", "--threads", "1"]
+MLP = PerfCell("mlp", 8, 8, 2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny cells on a shared machine run far faster than with several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(table: pd.DataFrame) -> dict[str, pd.Series]:
+    return {row["variant"]: row for _, row in table.iterrows()}
+
+
+# ----------------------------------------------------------------------------- ablate
+
+
+def test_ablate_end_to_end(tmp_path, capsys):
+    code = main(["ablate", *TINY, "--workload", "mlp", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)])
+    assert code == 0
+    table = pd.read_csv(tmp_path / "ablation.csv", keep_default_na=False, na_values=[""])
+    assert list(table.columns) == list(ABLATION_COLUMNS)
+    assert list(table["variant"]) == [v.name for v in ablation_variants("mlp")]
+    assert len(table) == 9 and set(table["workload"]) == {"mlp"} and set(table["gpu"]) == {"cpu"}
+    rows = _rows(table)
+    for name, row in rows.items():
+        # cast_weights is new in odeint: "unsupported" until it lands, "ok" after
+        allowed = {"ok", "unsupported"} if "cast_weights" in name else {"ok"}
+        assert row["status"] in allowed, (name, row["message"])
+    assert math.isfinite(rows["torchdiffeq-fp32"]["grad_err_params"])
+    assert rows["torchdiffeq-fp32"]["grad_err_params"] < 1e-5
+    for name in ("rampde-bf16", "rampde-fp16"):
+        err = rows[name]["grad_err_params"]
+        assert math.isfinite(err) and 0 < err < 0.05
+        assert rows[name]["speedup_vs_default"] == 1.0 and rows[name]["speedup_vs_fp32"] > 0
+        assert rows[name]["options"] == "{}" and rows[name]["time_ms_median"] > 0
+    assert json.loads(rows["rampde-bf16 storage=activations"]["options"]) == {"storage": "activations"}
+    assert rows["torchdiffeq-fp32"]["precision"] == "fp32" and rows["rampde-fp16"]["precision"] == "fp16"
+    assert math.isnan(rows["rampde-bf16"]["scaler_retries"]) and rows["rampde-fp16"]["scaler_retries"] >= 0
+    env = json.loads((tmp_path / "ablation-environment.json").read_text())
+    assert env["gpu"] == "cpu" and env["torch"] == torch.__version__
+    err = capsys.readouterr().err
+    assert "[9/9] mlp w8 b8 N2" in err and "ablation.csv" in err
+
+
+def test_conv_ablation_has_both_layouts(tmp_path):
+    names = ["torchdiffeq-fp32", "rampde-bf16", "rampde-bf16 channels_last"]
+    table = run_ablation([PerfCell("conv", 8, 8, 2)], tmp_path, device="cpu", repeats=1, warmup=0, variants=names)
+    assert list(table["variant"]) == names and set(table["status"]) == {"ok"}
+    assert list(table["channels_last"]) == [False, False, True]
+    rows = _rows(table)
+    assert rows["rampde-bf16 channels_last"]["grad_err_params"] < 0.05
+    assert rows["rampde-bf16 channels_last"]["speedup_vs_default"] > 0
+    assert len(ablation_variants("conv")) == 2 * len(ablation_variants("mlp"))
+
+
+def test_default_variants_run_what_the_registry_runs():
+    workload = build_workload("mlp", width=8, batch=8)
+    for precision, options, registry in (("bf16", {}, "rampde-bf16"),
+                                         ("fp16", {"storage": "activations"}, "rampde-fp16-fast")):
+        ours = rampde_run(precision, options)(workload, 2)
+        theirs = get_competitor(registry).run(workload, 2)
+        assert torch.equal(ours.loss, theirs.loss) and torch.equal(ours.grad_y0, theirs.grad_y0)
+        assert all(torch.equal(a, b) for a, b in zip(ours.grad_params, theirs.grad_params))
+
+
+def test_out_of_memory_is_a_row_and_the_ablation_goes_on(tmp_path, monkeypatch):
+    real = rampde.odeint
+
+    def short_of_memory(func, y0, t, **kwargs):
+        if (kwargs.get("options") or {}).get("storage") == "activations":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real(func, y0, t, **kwargs)
+
+    monkeypatch.setattr(rampde, "odeint", short_of_memory)
+    names = ["rampde-bf16", "rampde-bf16 storage=activations", "rampde-bf16 state_dtype=low"]
+    table = run_ablation([MLP], tmp_path, device="cpu", repeats=1, warmup=0, variants=names)
+    assert list(table["status"]) == ["ok", "oom", "ok"]
+    oom = _rows(table)["rampde-bf16 storage=activations"]
+    assert oom["message"] == "CUDA out of memory. Tried to allocate 80.00 GiB"
+    assert math.isnan(oom["time_ms_median"]) and math.isnan(oom["grad_err_params"])
+    on_disk = pd.read_csv(tmp_path / "ablation.csv")
+    assert list(on_disk["status"]) == ["ok", "oom", "ok"]
+
+
+def test_an_odeint_refusing_cast_weights_gives_unsupported(tmp_path, monkeypatch):
+    real = rampde.odeint
+
+    def older(func, y0, t, **kwargs):  # what odeint said before cast_weights existed
+        options = kwargs.get("options") or {}
+        if "cast_weights" in options:
+            raise ValueError("options has unsupported key(s) ['cast_weights']; rampde's fixed-grid solvers take "
+                             "only ['step_size', 'state_dtype', 'storage']")
+        return real(func, y0, t, **kwargs)
+
+    monkeypatch.setattr(rampde, "odeint", older)
+    table = run_ablation([MLP], tmp_path, device="cpu", repeats=1, warmup=0,
+                         variants=["rampde-fp16", "rampde-fp16 cast_weights=per-use"])
+    assert list(table["status"]) == ["ok", "unsupported"]
+    assert "cast_weights" in _rows(table)["rampde-fp16 cast_weights=per-use"]["message"]
+
+
+def test_other_failures_are_error_rows(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something else broke")
+
+    monkeypatch.setattr(rampde, "odeint", broken)
+    table = run_ablation([MLP], tmp_path, device="cpu", repeats=1, warmup=0, variants=["rampde-bf16"])
+    assert list(table["status"]) == ["error"] and "something else broke" in table["message"][0]
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def test_profile_end_to_end(tmp_path, capsys):
+    code = main(["profile", *TINY, "--competitors", "torchdiffeq-fp32,rampde-bf16", "--repeats", "2",
+                 "--warmup", "1", "--trace", "--out", str(tmp_path)])
+    assert code == 0
+    folder = tmp_path / "profile"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["device"] == "cpu" and set(summary["categories"]) == {"cuda", "cpu", "syncs", "launches"}
+    assert set(summary["profiles"]) == {"torchdiffeq-fp32-mlp-w8-b8-s2", "rampde-bf16-mlp-w8-b8-s2"}
+    for stem, entry in summary["profiles"].items():
+        assert set(SUMMARY_KEYS) <= set(entry), set(SUMMARY_KEYS) - set(entry)
+        assert entry["status"] == "ok" and entry["calls"] == 2 and entry["time_basis"] == "cpu self time"
+        assert entry["matmul_time_us_per_call"] > 0 and entry["device_time_us_per_call"] > 0
+        assert 0 < entry["matmul_fraction"] < 1 and entry["cast_time_us_per_call"] >= 0
+        assert entry["gpu_busy_fraction"] is None and entry["host_syncs_per_call"] is None
+        parts = sum(entry[f"{c}_time_us_per_call"] for c in ("matmul", "cast", "elementwise", "reduction",
+                                                             "memcpy", "other"))
+        assert parts == pytest.approx(entry["device_time_us_per_call"])
+        table = pd.read_csv(folder / entry["csv"])
+        assert list(table.columns) == list(TOP_COLUMNS) and 0 < len(table) <= 40
+        assert MARK not in set(table["name"]) and "matmul" in set(table["category"])
+        assert (table["percentage"] >= 0).all() and table["percentage"].sum() <= 100.0 + 1e-6
+        assert (folder / entry["trace"]).is_file()
+    bf16 = pd.read_csv(folder / "rampde-bf16-mlp-w8-b8-s2.csv")
+    assert bf16.loc[bf16["name"] == "aten::addmm", "calls"].iloc[0] > 0  # per forward+backward
+    assert json.loads((folder / "environment.json").read_text())["gpu"] == "cpu"
+    assert "[2/2] rampde-bf16 mlp w8 b8 N2" in capsys.readouterr().err
+
+
+def test_profile_records_out_of_memory(tmp_path, monkeypatch):
+    def oom(workload, steps):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    fake = Competitor("fake-oom", "bf16", "fake", "-", "rk4-discrete", oom)
+    real = profiling.get_competitor
+    monkeypatch.setattr(profiling, "get_competitor", lambda name: fake if name == "fake-oom" else real(name))
+    summary = run_profiles(["fake-oom", "torchdiffeq-fp32"], [MLP], tmp_path, device="cpu", calls=1, warmup=0)
+    entries = summary["profiles"]
+    assert entries["fake-oom-mlp-w8-b8-s2"]["status"] == "oom"
+    assert entries["torchdiffeq-fp32-mlp-w8-b8-s2"]["status"] == "ok"
+    assert not (tmp_path / "profile" / "fake-oom-mlp-w8-b8-s2.csv").exists()
+
+
+class _Event:
+    def __init__(self, name, start, end, *, device=False, id=0, linked=0):
+        self.name, self.id, self.linked_correlation_id = name, id, linked
+        self.time_range = SimpleNamespace(start=start, end=end)
+        self.device_type = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+        self.is_async, self.is_user_annotation, self.self_cpu_time_total, self.kernels = False, False, 0.0, []
+
+
+def test_cuda_summary_from_profiler_events():
+    """Two calls: kernels categorised by name and by the op that launched them, launches and syncs
+    counted inside the calls only, the GPU busy 70 of 200 us."""
+    events = [
+        _Event(MARK, 0, 100), _Event(MARK, 100, 200), _Event(MARK, 0, 200, device=True),
+        _Event("aten::addmm", 5, 10, id=1), _Event("aten::copy_", 20, 25, id=2), _Event("aten::tanh", 110, 111, id=3),
+        _Event("cudaLaunchKernel", 6, 7, linked=1), _Event("cudaLaunchKernel", 21, 22, linked=2),
+        _Event("cudaStreamSynchronize", 150, 160), _Event("cudaDeviceSynchronize", 250, 260),
+        _Event("sm90_xmma_gemm_bf16bf16_bf16f32", 10, 50, device=True, linked=1),
+        _Event("void at::native::unrolled_elementwise_kernel<copy>", 60, 70, device=True, linked=2),
+        _Event("Memcpy DtoH (Device -> Pageable)", 120, 130, device=True),
+        _Event("void at::native::vectorized_elementwise_kernel<4, tanh>", 130, 140, device=True, linked=3),
+    ]
+    prof = SimpleNamespace(events=lambda: events)
+    out = profiling._summarise(prof, 2, True, [(0, 100), (100, 200)])
+    assert out["time_basis"] == "cuda kernels"
+    assert out["device_time_us_per_call"] == 35
+    assert (out["matmul_time_us_per_call"], out["cast_time_us_per_call"], out["memcpy_time_us_per_call"],
+            out["elementwise_time_us_per_call"], out["other_time_us_per_call"]) == (20, 5, 5, 5, 0)
+    assert out["kernels_per_call"] == 1.5 and out["kernel_launches_per_call"] == 1.0
+    assert out["host_syncs_per_call"] == 0.5 and out["host_syncs_by_name"] == {"cudaStreamSynchronize": 0.5}
+    assert out["wall_us_per_call"] == 100 and out["gpu_busy_fraction"] == pytest.approx(0.35)
+    assert out["matmul_fraction"] == pytest.approx(20 / 35)
+
+
+@pytest.mark.parametrize("kernel, op, category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "", "matmul"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "aten::mm", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_128x128_32x3_nn_align4>", "", "matmul"),
+    ("sm80_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "aten::cudnn_convolution", "matmul"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "", "cast"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::copy>", "aten::copy_", "cast"),
+    ("Memcpy DtoD (Device -> Device)", "aten::copy_", "memcpy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::tanh_kernel_cuda>", "aten::tanh", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "aten::sum", "reduction"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy", "aten::cat", "other"),
+])
+def test_kernel_categories(kernel, op, category):
+    assert categorise_kernel(kernel, op) == category
+
+
+@pytest.mark.parametrize("op, category", [
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::convolution_backward", "matmul"),
+    ("aten::mkldnn_convolution", "matmul"), ("aten::_to_copy", "cast"), ("aten::copy_", "cast"),
+    ("aten::tanh_backward", "elementwise"), ("aten::add_", "elementwise"), ("aten::_foreach_add_", "elementwise"),
+    ("aten::sum", "reduction"), ("cudaStreamSynchronize", "sync"), ("cudaMemcpy", "sync"),
+    ("cudaMemcpyAsync", "other"), ("cudaLaunchKernel", "launch"), ("cuLaunchKernelEx", "launch"),
+    ("aten::cat", "other"),
+])
+def test_op_categories(op, category):
+    assert categorise_op(op) == category
+
+
+# ----------------------------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["ablate", "--widths", "12"], "--widths"),
+    (["ablate", "--batch", "0"], "--batch"),
+    (["ablate", "--steps", "x"], "--steps"),
+    (["ablate", "--workload", "rnn"], "--workload"),
+    (["ablate", "--variants", "rampde-bf32"], "--variants"),
+    (["ablate", "--repeats", "0"], "--repeats"),
+    (["ablate", "--warmup", "-1"], "--warmup"),
+    (["ablate", "--device", "tpu"], "--device"),
+    (["ablate", "--threads", "0"], "--threads"),
+    (["profile", "--competitors", "torchdiffeq-fp64"], "--competitors"),
+    (["profile", "--channels-last"], "--channels-last"),
+    (["profile", "--top", "0"], "--top"),
+])
+def test_bad_values_exit_2_naming_the_option(argv, option, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path)] + ([] if "--device" in argv else ["--device", "cpu"])) == 2
+    err = capsys.readouterr().err
+    assert option in err and "error" in err
+    assert not (tmp_path / "ablation.csv").exists()
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "ablate" in capsys.readouterr().err
