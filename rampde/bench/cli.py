@@ -1,10 +1,12 @@
-"""``rampde-bench``: run a sweep, print the environment or the claims, build the dashboard, train.
+"""``rampde-bench``: run a sweep, print the environment, the claims or the targets, build the
+dashboard, train.
 
-    rampde-bench run [--suite quick|paper] [--competitors ...] [--workloads ...] [--widths ...]
+    rampde-bench run [--suite quick|paper|perf] [--competitors ...] [--workloads ...] [--widths ...]
                      [--steps ...] [--batch ...] [--repeats N] [--warmup N] [--device D] [--out DIR]
                      [--seed S] [--threads N] [--retry-errors]
     rampde-bench env [--device D] [--json]
     rampde-bench claims [RESULTS.csv ...] [--csv OUT.csv]
+    rampde-bench targets [--results CSV ...] [--markdown]      (issue 8's targets, met or not)
     rampde-bench report [--results CSV ...] [--asv-results DIR] [--training CSV ...] [--out HTML]
     rampde-bench train --task digits|cnf ...        (rampde.bench.training)
 
@@ -146,11 +148,14 @@ def _plan(args: argparse.Namespace, device) -> tuple[Any, list, int, int]:
 
 
 def _default_out(suite: str, device) -> Path:
-    """``reports/<gpu-slug>/`` on a GPU (the committed data; quick cells are paper cells too);
-    on the CPU ``reports/quick/cpu/`` for the quick suite (ignored by git), else ``reports/cpu/``."""
+    """``reports/<gpu-slug>/`` on a GPU (the committed data; quick and perf cells are paper cells
+    too); on the CPU ``reports/cpu/`` for the paper suite, else ``reports/quick/cpu/`` (quick) or
+    ``reports/quick/cpu-<suite>/``, which git ignores: CPU timings of GPU suites mean nothing."""
     if device.type == "cuda":
         return Path("reports") / measure.gpu_slug(measure.gpu_name(device))
-    return Path("reports") / "quick" / "cpu" if suite == "quick" else Path("reports") / "cpu"
+    if suite == "paper":
+        return Path("reports") / "cpu"
+    return Path("reports") / "quick" / ("cpu" if suite == "quick" else f"cpu-{suite}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -282,23 +287,79 @@ def _results_paths(given: Sequence[str] | None) -> list[Path]:
     return sorted(Path("reports").glob(RESULTS_GLOB))
 
 
-def cmd_claims(args: argparse.Namespace) -> int:
+def _read_all(command: str, given: Sequence[str] | None):
+    """The results files given (default every ``reports/**/results.csv``) as one table; a missing
+    or malformed file is a usage error naming ``command``."""
     import pandas as pd
 
-    from .results import claims, read_results, write_csv_atomic
+    from .results import read_results
 
-    paths = _results_paths(args.results)
+    paths = _results_paths(given)
     if not paths:
-        raise UsageError(f"claims: no results file given and none at reports/{RESULTS_GLOB}")
+        raise UsageError(f"{command}: no results file given and none at reports/{RESULTS_GLOB}")
     try:
-        df = pd.concat([read_results(p) for p in paths], ignore_index=True)
+        return pd.concat([read_results(p) for p in paths], ignore_index=True)
     except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"claims: {exc}") from None
-    per_cell = claims(df)
+        raise UsageError(f"{command}: {exc}") from None
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from .results import claims, write_csv_atomic
+
+    per_cell = claims(_read_all("claims", args.results))
     _print_claims(per_cell, _console())
     if args.csv:
         write_csv_atomic(per_cell, Path(args.csv))
         args.console.print(f"claims per cell written to {args.csv}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- targets
+
+_VERDICT_STYLE = {"met": "green", "missed": "bold red", "not measured": "yellow"}
+
+
+def _print_targets(table, console) -> None:
+    """The targets per cell, then one line per GPU and target (rich tables)."""
+    from rich.table import Table
+
+    from .targets import format_value, needs, targets_summary, verdict
+
+    def styled(text: str) -> str:
+        return f"[{_VERDICT_STYLE[text]}]{text}[/]"
+
+    cells = Table(title="targets per cell (issue 8; 'best variant' rows are reported, the named competitor "
+                        "decides)", title_justify="left")
+    for name in ("gpu", "target", "competitor", "role", "cell", "measured", "needs", "verdict", "note"):
+        cells.add_column(name, justify="right" if name in ("measured", "needs") else "left",
+                         no_wrap=name != "note")
+    for r in table.to_dict("records"):
+        cells.add_row(_fmt(r["gpu"] or "—", ""), r["target"], _fmt(r["competitor"], ""), r["role"],
+                      _fmt(r["cell"], ""), format_value(r["target"], r["measured"]), needs(r),
+                      styled(verdict(r["met"])), _fmt(r["note"], ""))
+    console.print(cells)
+
+    summary = Table(title="targets per GPU (worst: the figure furthest from the threshold among the cells "
+                          "that decide)", title_justify="left")
+    for name in ("gpu", "target", "status", "worst", "competitor", "cell", "needs", "met/missed/not measured",
+                 "note"):
+        summary.add_column(name, justify="right" if name in ("worst", "needs") else "left", no_wrap=name != "note")
+    for r in targets_summary(table).to_dict("records"):
+        summary.add_row(_fmt(r["gpu"] or "—", ""), r["target"], styled(r["status"]),
+                        format_value(r["target"], r["worst"]), _fmt(r["worst_competitor"], ""),
+                        _fmt(r["worst_cell"], ""), needs(r),
+                        f"{r['met_cells']}/{r['missed_cells']}/{r['unmeasured_cells']}", _fmt(r["note"], ""))
+    console.print(summary)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .targets import evaluate_targets, format_markdown
+
+    table = evaluate_targets(_read_all("targets", args.results))
+    if args.markdown:
+        print(format_markdown(table), end="")
+    else:
+        _print_targets(table, _console())
     return 0
 
 
@@ -357,10 +418,11 @@ def _train(argv: Sequence[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rampde-bench", description="Benchmark rampde against its competitors.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each cell; -vv: debug")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,env,claims,report,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,env,claims,targets,report,train}")
 
     run = sub.add_parser("run", help="measure a sweep into a results folder (resumable)")
-    run.add_argument("--suite", default="quick", help="quick (minutes) or paper (hours on a GPU); default quick")
+    run.add_argument("--suite", default="quick",
+                     help="quick (minutes), paper (hours on a GPU) or perf (the targets' cells); default quick")
     run.add_argument("--competitors", nargs="+", metavar="NAME", help="competitor names, or 'all'")
     run.add_argument("--workloads", nargs="+", metavar="NAME", help="mlp, conv, cnf, or 'all'")
     run.add_argument("--widths", nargs="+", metavar="W", help="MLP widths / conv channels (multiples of 8)")
@@ -385,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("results", nargs="*", help=f"results.csv files (default reports/{RESULTS_GLOB})")
     claims.add_argument("--csv", help="also write the per-cell claims to this CSV file")
     claims.set_defaults(func=cmd_claims)
+
+    targets = sub.add_parser("targets", help="judge issue 8's performance targets from results files")
+    targets.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")
+    targets.add_argument("--markdown", action="store_true", help="print Markdown tables instead")
+    targets.set_defaults(func=cmd_targets)
 
     report = sub.add_parser("report", help="build the HTML dashboard")
     report.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")

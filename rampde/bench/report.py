@@ -5,7 +5,7 @@
 of them, optionally an asv 0.6 results folder (one sub-folder per machine, named after the GPU
 model) and optional training-curve CSVs, and writes one HTML file with plotly.js inlined once, so
 that the page reads offline. Each GPU model gets its own tab: the paper's claims on top
-(``compute_claims``), then time, memory, the accuracy-speed trade-off, NVML timelines, training
+(``compute_claims``) and issue 8's targets (``rampde.bench.targets``), then time, memory, the accuracy-speed trade-off, NVML timelines, training
 curves, the asv history and the environment of each run.
 
 Training files are ``rampde-bench train``'s ``training.csv`` (one row per task, competitor, seed
@@ -1140,9 +1140,37 @@ def _parity_html(table: pd.DataFrame) -> str:
     return f'<div class="scroll">{_table(header, rows)}</div>'
 
 
+def targets_html(summary: pd.DataFrame) -> str:
+    """Issue 8's targets on one GPU: one row per target (``targets.targets_summary``), marked met,
+    missed or not measured, with the figure furthest from its threshold and that figure's cell."""
+    from rampde.bench.targets import format_value
+
+    if summary.empty:
+        return '<p class="empty">No target could be judged: no results for this GPU.</p>'
+    css = {"met": "held", "missed": "not-held", "not measured": "no-verdict"}
+    rows = []
+    for r in summary.to_dict("records"):
+        worst = format_value(r["target"], r["worst"])
+        where = f"<br><small>{_esc(r['worst_competitor'])}, {_esc(r['worst_cell'])}</small>" if (
+            r["worst_competitor"]) else ""  # fmt: skip
+        note = f"<br><small>{_esc(r['note'])}</small>" if r["note"] else ""
+        rows.append([
+            f'<td class="claim">{_esc(r["description"])}<br><small>{_esc(r["target"])}</small></td>',
+            f'<td class="{css[r["status"]]}">{_esc(r["status"])}{note}</td>',
+            f'<td class="value"><b>{_esc(worst)}</b>{where}</td>',
+            f'<td class="num">{_esc(r["comparison"])} {_esc(format_value(r["target"], r["threshold"]))}</td>',
+            f'<td class="num">{r["met_cells"]} / {r["missed_cells"]} / {r["unmeasured_cells"]}</td>',
+        ])  # fmt: skip
+    header = ["target", "verdict", "worst measured (its cell)", "needs", "met / missed / not measured"]
+    return f'<div class="scroll targets">{_table(header, rows, raw=True)}</div>'
+
+
 def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str],
-                 figures: _Figures) -> str:  # fmt: skip
-    """One GPU model's tab: claims, time, memory, accuracy, timelines, training, asv, env."""
+                 figures: _Figures, targets: pd.DataFrame | None = None) -> str:  # fmt: skip
+    """One GPU model's tab: claims, targets, time, memory, accuracy, timelines, training, asv, env.
+
+    ``targets`` is this GPU's ``targets.targets_summary``; None leaves the targets table out.
+    """
     res, sid = section.results, section.anchor
     cells = collapse_cells(res) if not res.empty else res
     parts = [f'<section class="gpu" id="{sid}"><h2>{_esc(section.gpu)}</h2>']
@@ -1159,6 +1187,16 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
             "torchdiffeq-fp32's; accuracy = relative error of the parameter gradient against "
             "fp64. Best and worst are over the cells where both ran.</p>"
         )
+        if targets is not None:
+            parts.append("<h3>Targets (issue 8)</h3>")
+            parts.append(targets_html(targets))
+            parts.append(
+                '<p class="note">Each target is judged on its named competitor (speed: rampde-bf16 '
+                "against torchdiffeq-tf32, rampde-fp16 against torchdiffeq-fp32; memory, accuracy and "
+                "finiteness: every rampde-* competitor) from the latest row of each cell; the worst "
+                "figure is the one furthest from the threshold. <code>rampde-bench targets</code> "
+                "prints every cell, and the fastest variant of each precision.</p>"
+            )
         parts.append("<h3>Time</h3>")
         time_y = "time per forward+backward (ms)"
         parts.append(figures.html(
@@ -1301,6 +1339,15 @@ def _section_notices(section: Section) -> list[str]:
     return notes
 
 
+def _targets_summary(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Issue 8's targets per GPU model (``targets.targets_summary``); None without results."""
+    if df.empty:
+        return None
+    from rampde.bench.targets import evaluate_targets, targets_summary
+
+    return targets_summary(evaluate_targets(df))
+
+
 def build_dashboard(
     results: list[Path],
     out: Path,
@@ -1335,13 +1382,15 @@ def build_dashboard(
         everyone |= set(asv["competitor"]) - {""}
     colours = competitor_colours(everyone)
     claims = compute_claims(df)
+    targets = _targets_summary(df)
     figures = _Figures()
     bodies = []
     for section in sections:
         for notice in section.notices:
             log.warning("%s: %s", section.gpu, notice)
         mine = claims[claims["gpu"].map(slug) == slug(section.gpu)] if len(claims) else claims
-        bodies.append((section.gpu, section.anchor, section_html(section, mine, colours, figures)))
+        goals = None if targets is None else targets[targets["gpu"].map(slug) == slug(section.gpu)]
+        bodies.append((section.gpu, section.anchor, section_html(section, mine, colours, figures, goals)))
     if not sections:
         nothing = '<p class="empty">Nothing to show: no results, no asv history.</p>'
         body = f'<section class="gpu" id="gpu-none">{nothing}</section>'

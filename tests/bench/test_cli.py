@@ -122,12 +122,27 @@ def test_default_output_folders():
     cpu = torch.device("cpu")
     assert cli._default_out("quick", cpu) == Path("reports/quick/cpu")
     assert cli._default_out("paper", cpu) == Path("reports/cpu")
+    assert cli._default_out("perf", cpu) == Path("reports/quick/cpu-perf"), "git ignores CPU runs of the perf suite"
+
+
+def test_perf_cpu_suite_plan_and_every_suite_named_in_the_help():
+    from rampde.bench.suites import PERF_COMPETITORS, SUITE_NAMES
+
+    suite, cells, repeats, warmup = _plan("--suite", "perf")
+    assert suite.name == "perf" and (repeats, warmup) == (3, 1)
+    assert sorted({c.competitor for c in cells}) == sorted(PERF_COMPETITORS)
+    assert {(c.workload, c.width, c.batch, c.steps) for c in cells} == {
+        *{("mlp", w, 16, n) for w in (16, 32, 64) for n in (2, 8)}, *{("conv", 8, 8, n) for n in (2, 8)}}
+    assert len(cells) == 8 * 4 * 2
+    run = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["run"]._actions
+               if a.dest == "suite")
+    assert all(name in run.help for name in SUITE_NAMES)
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "--suite", "huge"], "--suite: unknown suite 'huge'; known: quick, paper"),
+        (["run", "--suite", "huge"], "--suite: unknown suite 'huge'; known: quick, paper, perf"),
         (["run", "--competitors", "torchdiffeq-fp32,nope"], "--competitors: unknown competitor 'nope'"),
         (["run", "--workloads", "rnn"], "--workloads: unknown ['rnn']; known: mlp, conv, cnf"),
         (["run", "--widths", "12"], "--widths: 12 is not a positive integer multiple of 8"),
@@ -143,6 +158,7 @@ def test_default_output_folders():
         (["run", "--device", "cuda"], "--device: CUDA was asked for but torch sees no GPU"),
         (["env", "--device", "cuda"], "--device: CUDA was asked for but torch sees no GPU"),
         (["claims", "missing.csv"], "claims: no results file at missing.csv"),
+        (["targets", "--results", "missing.csv"], "targets: no results file at missing.csv"),
     ],
 )
 def test_bad_values_exit_2_naming_the_option(argv, message, capsys):
