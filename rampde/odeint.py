@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
-_OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights")
+_OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights", "fuse")
 _STORAGE = ("states", "activations")
 _CAST_WEIGHTS = ("once", "per-use")
 # Layers whose weights autocast runs in 16-bit: their fp32 parameters are cast once per solve.
@@ -60,7 +60,9 @@ def odeint(
             and each evaluation runs with those copies in the layers' parameter slots, as
             ``torch.func.functional_call`` does; the parameters are put back after it) or
             ``"per-use"`` (autocast casts them at every use: for a field that runs such a layer
-            outside autocast, or uses its weight where 16-bit would not do).
+            outside autocast, or uses its weight where 16-bit would not do); ``fuse``: ``True``
+            forms each no-grad stage input and update in one fused kernel (``torch.compile``;
+            the first solve compiles) instead of a chain of ``addcmul``; default ``False``.
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
             ``nn.Module``, and must be given (``()`` for none) for any other callable.
         loss_scaler: a ``DynamicScaler`` for the fp16 adjoint, kept across calls; a fresh one per
@@ -78,6 +80,7 @@ def odeint(
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     tableau = get_tableau(method)
     step_size, state_dtype_opt, storage, cast_weights = _check_options(options)
+    fuse = _check_fuse(options)
     y0_flat, shapes = _flatten_state(y0)
     device_type = y0_flat.device.type
     acc_dtype = torch.promote_types(y0_flat.dtype, torch.float32)
@@ -107,6 +110,7 @@ def odeint(
         keep_activations=storage == "activations" and torch.is_grad_enabled()
         and any(x.requires_grad for x in (grid, y0_flat, *diff_params)),
         cast=cast,
+        fuse=fuse,
     )
     log.debug(
         "rampde.odeint: %s, %d steps, field in %s, state in %s, stored in %s",
@@ -153,6 +157,13 @@ def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, s
     if cast_weights not in _CAST_WEIGHTS:
         raise ValueError(f"options['cast_weights'] must be one of {list(_CAST_WEIGHTS)}, got {cast_weights!r}")
     return step_size, options.get("state_dtype"), storage, cast_weights
+
+
+def _check_fuse(options: dict[str, Any] | None) -> bool:
+    fuse = (options or {}).get("fuse", False)
+    if not isinstance(fuse, bool):
+        raise TypeError(f"options['fuse'] must be True or False, got {fuse!r}")
+    return fuse
 
 
 def _flatten_state(y0: State) -> tuple[torch.Tensor, tuple[torch.Size, ...] | None]:

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import fused
 from .scaling import DynamicScaler
 from .tableaus import ButcherTableau
 
@@ -91,6 +92,7 @@ class SolveSpec:
     scaler: DynamicScaler | None
     keep_activations: bool = False  # "activations" storage: keep each step's 16-bit graph
     cast: WeightCast | None = None  # parameters cast to 16-bit once per solve
+    fuse: bool = False  # no-grad stage combinations and updates as fused kernels (``fused``)
 
     def autocast(self) -> torch.autocast:
         """The precision context of the field: the caller's autocast, with its weight cache only
@@ -122,6 +124,9 @@ class _StepCoefficients:
     stage_t: torch.Tensor  # (N, s): t_i + c_j h_i
     ha: torch.Tensor  # (N, s, s): h_i a_jl
     hb: torch.Tensor  # (N, s): h_i b_j
+    stage_terms: list[list[int]]  # per stage j, the l with a_jl != 0
+    stage_coefs: list[torch.Tensor]  # per stage j, (N, len(stage_terms[j])): those h_i a_jl
+    update_coefs: torch.Tensor  # (N, len(weighted)): h_i b_j for the b_j != 0
 
     @staticmethod
     def build(tableau: ButcherTableau, grid: torch.Tensor) -> "_StepCoefficients":
@@ -129,13 +134,18 @@ class _StepCoefficients:
         square = [[*row, *([0.0] * (s - len(row)))] for row in tableau.a]
         c, a, b = (torch.tensor(x, dtype=grid.dtype, device=grid.device) for x in (tableau.c, square, tableau.b))
         h = grid[1:] - grid[:-1]
+        ha, hb = h[:, None, None] * a, h[:, None] * b
+        terms = [[l for l, a_jl in enumerate(row) if a_jl != 0.0] for row in tableau.a]
         return _StepCoefficients(
             c=c,
             a=a,
             h=h,
             stage_t=grid[:-1, None] + h[:, None] * c,
-            ha=h[:, None, None] * a,
-            hb=h[:, None] * b,
+            ha=ha,
+            hb=hb,
+            stage_terms=terms,
+            stage_coefs=[ha[:, j, t].contiguous() for j, t in enumerate(terms)],
+            update_coefs=hb[:, _weighted(tableau)].contiguous(),
         )
 
 
@@ -166,6 +176,16 @@ def _trajectory_buffer(y0: torch.Tensor, length: int, dtype: torch.dtype) -> tor
     order = sorted(range(y0.ndim), key=lambda d: like.stride(d), reverse=True)  # outermost first
     base = torch.empty((length, *(y0.shape[d] for d in order)), dtype=dtype, device=y0.device)
     return base.permute(0, *(1 + order.index(d) for d in range(y0.ndim)))
+
+
+def _fused_stages(spec: SolveSpec, y: torch.Tensor, coef: _StepCoefficients, i: int,
+                  weights: Sequence[Weights | None]) -> list[torch.Tensor]:
+    """``_stages`` of step ``i`` without a graph, each stage input formed by one fused kernel."""
+    ks: list[torch.Tensor] = []
+    for j, terms in enumerate(coef.stage_terms):
+        stage_y = fused.combine(y, [ks[l] for l in terms], coef.stage_coefs[j][i]) if terms else y
+        ks.append(spec.field(coef.stage_t[i, j], stage_y, weights[j]))
+    return ks
 
 
 def _weighted(tableau: ButcherTableau) -> list[int]:
@@ -273,9 +293,14 @@ class DiscreteAdjointSolve(torch.autograd.Function):
                         graph = _build_step(spec, coef, grid, traj[i], i, ctx.needs_input_grad[1], copies, slots)
                     graphs.append(graph)
                     ks = [k.detach() for k in graph.ks]
+                elif spec.fuse:
+                    ks = _fused_stages(spec, traj[i], coef, i, shared)
                 else:
                     ks = _stages(spec, traj[i], coef.stage_t[i], coef.ha[i], shared)
-                _update(traj[i + 1], traj[i], ks, coef.hb[i], weighted)
+                if spec.fuse:
+                    fused.combine_into(traj[i + 1], traj[i], [ks[j] for j in weighted], coef.update_coefs[i])
+                else:
+                    _update(traj[i + 1], traj[i], ks, coef.hb[i], weighted)
         keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype
         stored = traj if keep_traj else traj.to(spec.state_dtype)
         ctx.spec, ctx.coef, ctx.graphs, ctx.copies = spec, coef, graphs, copies

@@ -44,7 +44,7 @@ def _solve(field, y0, t, dtype, **options):
     y0 = y0.clone().requires_grad_()
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         sol = rampde.odeint(field, y0, t, method="rk4", options=options)
-    loss = sol[-1].float().pow(2).mean()
+    loss = sol[-1].to(torch.promote_types(sol.dtype, torch.float32)).pow(2).mean()
     params = [p for p in field.parameters() if p.requires_grad]
     inputs = [y0, *params] + ([t] if t.requires_grad else [])
     grads = torch.autograd.grad(loss, inputs)
@@ -274,3 +274,51 @@ def test_channels_last_fp64_matches_contiguous_exactly_enough():
     cl = _solve(field, y0.double().contiguous(memory_format=torch.channels_last), t, None)
     assert rel_err(cl["sol"], plain["sol"]) < 1e-12
     assert rel_err(cl["params"], plain["params"]) < 1e-12
+
+
+# ----------------------------------------------------------------------------- fused combinations
+
+
+@pytest.mark.parametrize("method", ["euler", "heun3", "rk4", "rk4_classic"])
+def test_fused_combinations_match_the_addcmul_chain_in_fp64(method):
+    """Backwards in time (negative steps); rk4_classic has zeros in its tableau rows."""
+    field, y0 = _case("mlp")
+    field, y0 = field.double(), y0.double()
+    t = torch.linspace(1, 0, 6, dtype=torch.float64)
+    fused = rampde.odeint(field, y0, t, method=method, options={"fuse": True})
+    chain = rampde.odeint(field, y0, t, method=method)
+    assert rel_err(fused, chain) < 1e-14
+    assert not torch.equal(fused[-1], fused[0])
+
+
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_fused_combinations_match_the_addcmul_chain_in_bf16(storage):
+    field, y0 = _case("conv")
+    t = torch.linspace(0, 1, 5)
+    y_cl = y0.contiguous(memory_format=torch.channels_last)
+    fused = _solve(field, y_cl, t, torch.bfloat16, storage=storage, fuse=True)
+    chain = _solve(field, y_cl, t, torch.bfloat16, storage=storage)
+    assert rel_err(fused["sol"], chain["sol"]) < 1e-6
+    assert rel_err(fused["params"], chain["params"]) < 1e-5
+    assert rel_err(fused["y0"], chain["y0"]) < 1e-5
+
+
+def test_fused_gradients_against_fp64_and_torchdiffeq():
+    import torchdiffeq
+
+    field, y0 = _case("mlp")
+    field64 = copy.deepcopy(field).double()
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    ours = _solve(field64, y0.double(), t, None, fuse=True, step_size=0.15)
+    y = y0.double().clone().requires_grad_()
+    sol = torchdiffeq.odeint(field64, y, t, method="rk4", options={"step_size": 0.15})
+    grads = torch.autograd.grad(sol[-1].pow(2).mean(), [y, *field64.parameters()])
+    assert rel_err(ours["sol"], sol.detach()) < 1e-13
+    assert rel_err(ours["y0"], grads[0]) < 1e-11
+    assert rel_err(ours["params"], flat(grads[1:])) < 1e-11
+
+
+def test_fuse_option_is_checked():
+    field, y0 = _case("mlp")
+    with pytest.raises(TypeError, match=r"options\['fuse'\]"):
+        rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"fuse": "yes"})
