@@ -15,13 +15,15 @@ order of fp32 roundings.
 from __future__ import annotations
 
 import logging
+import types
 from typing import Callable, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_compiled: dict[str, Callable] = {}
+_compiled: dict[tuple, Callable] = {}
+_ran: set[tuple] = set()  # compiled functions that have run once: torch.compile works here
 
 
 def _weighted_sum(y: torch.Tensor, ks: list[torch.Tensor], coefs: torch.Tensor) -> torch.Tensor:
@@ -35,18 +37,41 @@ def _weighted_sum_into(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor
     out.copy_(_weighted_sum(y, ks, coefs))
 
 
-def _get(name: str, fn: Callable) -> Callable:
-    if name not in _compiled:
-        log.debug("rampde.fused: compiling %s", name)
-        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[name]
+def _own_copy(fn: Callable, tag: str) -> Callable:
+    """``fn`` with a code object of its own: dynamo keeps its compiled versions (and its limit of
+    recompilations) per code object, so each kind of call gets its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}__{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _run(fn: Callable, y: torch.Tensor, ks: list[torch.Tensor], *args):
+    """``fn`` compiled for this kind of call (device, dtypes, number of terms); a failure of the
+    first call (no compiler, unsupported platform) becomes an error naming the option."""
+    key = (fn.__name__, y.device.type, y.dtype, tuple(k.dtype for k in ks))
+    if key not in _compiled:
+        tag = "_".join(str(x).replace("torch.", "") for x in key[1:2] + (key[2], *key[3]))
+        log.debug("rampde.fused: compiling %s for %s", fn.__name__, tag)
+        _compiled[key] = torch.compile(_own_copy(fn, tag), dynamic=True, fullgraph=True)
+    if key in _ran:
+        return _compiled[key](*args)
+    try:
+        result = _compiled[key](*args)
+    except Exception as exc:
+        raise RuntimeError(
+            f"rampde: options['fuse'] needs torch.compile, which failed here ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); leave 'fuse' off"
+        ) from exc
+    _ran.add(key)
+    return result
 
 
 def combine(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> torch.Tensor:
     """``y + sum_l coefs[l] * ks[l]`` in ``y``'s dtype, as one fused kernel (no autograd)."""
-    return _get("combine", _weighted_sum)(y, list(ks), coefs)
+    ks = list(ks)
+    return _run(_weighted_sum, y, ks, y, ks, coefs)
 
 
 def combine_into(out: torch.Tensor, y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> None:
     """``out = y + sum_l coefs[l] * ks[l]``, written in place, as one fused kernel (no autograd)."""
-    _get("combine_into", _weighted_sum_into)(out, y, list(ks), coefs)
+    ks = list(ks)
+    _run(_weighted_sum_into, y, ks, out, y, ks, coefs)

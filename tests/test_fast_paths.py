@@ -322,3 +322,20 @@ def test_fuse_option_is_checked():
     field, y0 = _case("mlp")
     with pytest.raises(TypeError, match=r"options\['fuse'\]"):
         rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"fuse": "yes"})
+
+
+def test_fuse_without_a_working_compiler_names_the_option(monkeypatch):
+    from rampde import fused
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_ran", set())
+    monkeypatch.setattr(torch, "compile", broken)
+    field, y0 = _case("mlp")
+    with pytest.raises(RuntimeError, match=r"options\['fuse'\] needs torch.compile.*no working C\+\+ compiler"):
+        rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"fuse": True})
