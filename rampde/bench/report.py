@@ -1192,8 +1192,9 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
             parts.append(targets_html(targets))
             parts.append(
                 '<p class="note">Each target is judged on its named competitor (speed: rampde-bf16 '
-                "against torchdiffeq-tf32, rampde-fp16 against torchdiffeq-fp32; memory, accuracy and "
-                "finiteness: every rampde-* competitor) from the latest row of each cell; the worst "
+                "against torchdiffeq-tf32, rampde-fp16 against torchdiffeq-fp32; memory: rampde-fp16 and "
+                "rampde-bf16, the default storage; accuracy and finiteness: every rampde-* competitor) "
+                "from the latest row of each cell; the worst "
                 "figure is the one furthest from the threshold. <code>rampde-bench targets</code> "
                 "prints every cell, and the fastest variant of each precision.</p>"
             )
