@@ -1,4 +1,4 @@
-"""Fused stage combinations for the no-grad forward: ``y + sum_l c_l k_l`` in one kernel.
+"""Fused stage combinations: ``y + sum_l c_l k_l`` in one kernel, and its backward in one.
 
 An explicit Runge-Kutta step forms ``s - 1`` stage inputs and one update, each a weighted sum of
 the state (fp32) and earlier stages (16-bit). Done as a chain of ``addcmul``, every term rereads
@@ -7,9 +7,12 @@ one pass per combination (4) reads each operand once. ``torch.compile`` fuses th
 kernel per combination; the coefficients come in as a tensor, so a new step size needs no
 recompilation, and shapes are compiled dynamically, so neither does a new width.
 
-Used by ``stepper`` with ``options={"fuse": True}``, only where no graph is built (the forward
-of the default storage, and every update). The arithmetic is the same as the chain's up to the
-order of fp32 roundings.
+Used by ``stepper`` with ``options={"fuse": True}``: every update, and every stage input, in the
+forward and in the backward's recomputation. In a graph (``combine_graph``) the backward gives
+each stage its ``c_l * g`` in its own dtype in one kernel, where the chain takes a product and a
+cast per term. Not where the time gradient is asked for (the coefficients are then
+differentiated: the chain does it). The arithmetic is the chain's up to the order of fp32
+roundings.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def _weighted_sum(y: torch.Tensor, ks: list[torch.Tensor], coefs: torch.Tensor) 
     return out
 
 
+def _scaled_copies(g: torch.Tensor, coefs: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    return [(coefs[l] * g).to(dtype) for l, dtype in enumerate(dtypes)]
+
+
 def _weighted_sum_into(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], coefs: torch.Tensor) -> None:
     out.copy_(_weighted_sum(y, ks, coefs))
 
@@ -44,12 +51,17 @@ def _own_copy(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _run(fn: Callable, y: torch.Tensor, ks: list[torch.Tensor], *args):
-    """``fn`` compiled for this kind of call (device, dtypes, number of terms); a failure of the
-    first call (no compiler, unsupported platform) becomes an error naming the option."""
-    key = (fn.__name__, y.device.type, y.dtype, tuple(k.dtype for k in ks))
+def _kind(y: torch.Tensor, dtypes: Sequence[torch.dtype]) -> tuple:
+    """What a compiled version is specialised on: the device, the state's and the terms' dtypes."""
+    return (y.device.type, y.dtype, *dtypes)
+
+
+def _run(fn: Callable, kind: tuple, *args):
+    """``fn`` compiled for this ``kind`` of call; a failure of the first call (no compiler,
+    unsupported platform) becomes an error naming the option."""
+    key = (fn.__name__, *kind)
     if key not in _compiled:
-        tag = "_".join(str(x).replace("torch.", "") for x in key[1:2] + (key[2], *key[3]))
+        tag = "_".join(str(x).replace("torch.", "") for x in kind)
         log.debug("rampde.fused: compiling %s for %s", fn.__name__, tag)
         _compiled[key] = torch.compile(_own_copy(fn, tag), dynamic=True, fullgraph=True)
     if key in _ran:
@@ -68,10 +80,34 @@ def _run(fn: Callable, y: torch.Tensor, ks: list[torch.Tensor], *args):
 def combine(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> torch.Tensor:
     """``y + sum_l coefs[l] * ks[l]`` in ``y``'s dtype, as one fused kernel (no autograd)."""
     ks = list(ks)
-    return _run(_weighted_sum, y, ks, y, ks, coefs)
+    return _run(_weighted_sum, _kind(y, [k.dtype for k in ks]), y, ks, coefs)
+
+
+class _Combine(torch.autograd.Function):
+    """``combine`` inside a graph, with constant coefficients: the backward passes the gradient
+    on to ``y`` and gives each ``k_l`` its ``coefs[l] * g`` in ``k_l``'s dtype, in one kernel."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, coefs: torch.Tensor, *ks: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coefs)
+        ctx.dtypes = [k.dtype for k in ks]
+        return combine(y, ks, coefs)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (coefs,) = ctx.saved_tensors
+        dtypes = ctx.dtypes
+        grads = _run(_scaled_copies, _kind(g, dtypes), g, coefs, dtypes)
+        return (g, None, *grads)
+
+
+def combine_graph(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> torch.Tensor:
+    """``combine`` that autograd can differentiate with respect to ``y`` and ``ks`` (``coefs`` are
+    constants): one fused kernel forward, one backward."""
+    return _Combine.apply(y, coefs, *ks)
 
 
 def combine_into(out: torch.Tensor, y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> None:
     """``out = y + sum_l coefs[l] * ks[l]``, written in place, as one fused kernel (no autograd)."""
     ks = list(ks)
-    _run(_weighted_sum_into, y, ks, out, y, ks, coefs)
+    _run(_weighted_sum_into, _kind(y, [k.dtype for k in ks]), out, y, ks, coefs)

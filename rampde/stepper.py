@@ -180,10 +180,12 @@ def _trajectory_buffer(y0: torch.Tensor, length: int, dtype: torch.dtype) -> tor
 
 def _fused_stages(spec: SolveSpec, y: torch.Tensor, coef: _StepCoefficients, i: int,
                   weights: Sequence[Weights | None]) -> list[torch.Tensor]:
-    """``_stages`` of step ``i`` without a graph, each stage input formed by one fused kernel."""
+    """``_stages`` of step ``i``, each stage input formed by one fused kernel (differentiable with
+    respect to the state and the stages when grad is enabled; the coefficients are constants)."""
+    combine = fused.combine_graph if torch.is_grad_enabled() else fused.combine
     ks: list[torch.Tensor] = []
     for j, terms in enumerate(coef.stage_terms):
-        stage_y = fused.combine(y, [ks[l] for l in terms], coef.stage_coefs[j][i]) if terms else y
+        stage_y = combine(y, [ks[l] for l in terms], coef.stage_coefs[j][i]) if terms else y
         ks.append(spec.field(coef.stage_t[i, j], stage_y, weights[j]))
     return ks
 
@@ -239,10 +241,12 @@ def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, st
         weights: list[Weights | None] = list(stage_weights)
     else:
         stage_weights, weights = [], [None for _ in stages]
-    if need_t:
+    if need_t:  # the coefficients are differentiated too: the addcmul chain
         t0 = grid[i].detach().requires_grad_(True)
         h = coef.h[i].detach().requires_grad_(True)
         return _StepGraph(y, t0, h, _stages(spec, y, t0 + h * coef.c, h * coef.a, weights), stage_weights)
+    if spec.fuse:
+        return _StepGraph(y, None, None, _fused_stages(spec, y, coef, i, weights), stage_weights)
     return _StepGraph(y, None, None, _stages(spec, y, coef.stage_t[i], coef.ha[i], weights), stage_weights)
 
 

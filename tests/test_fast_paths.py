@@ -339,3 +339,30 @@ def test_fuse_without_a_working_compiler_names_the_option(monkeypatch):
     field, y0 = _case("mlp")
     with pytest.raises(RuntimeError, match=r"options\['fuse'\] needs torch.compile.*no working C\+\+ compiler"):
         rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"fuse": True})
+
+
+def test_fused_combination_in_a_graph_passes_gradcheck():
+    from rampde import fused
+
+    torch.manual_seed(3)
+    coefs = torch.tensor([0.25, -0.5, 1.0], dtype=torch.float64)
+    y, k1, k2, k3 = (torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    assert torch.autograd.gradcheck(lambda *a: fused.combine_graph(a[0], a[1:], coefs), (y, k1, k2, k3))
+    # 16-bit stages get their gradient in their own dtype, as coefs[l] * g rounded once
+    k16 = torch.randn(3, 4, dtype=torch.bfloat16, requires_grad=True)
+    y32 = torch.randn(3, 4, requires_grad=True)
+    out = fused.combine_graph(y32, [k16], coefs[:1].float())
+    g = torch.randn(3, 4)
+    gy, gk = torch.autograd.grad(out, [y32, k16], g)
+    assert out.dtype == torch.float32 and gk.dtype == torch.bfloat16
+    assert torch.equal(gy, g) and torch.equal(gk, (0.25 * g).to(torch.bfloat16))
+
+
+def test_fused_with_a_time_gradient_matches_the_chain():
+    field, y0 = _case("mlp")
+    t = torch.linspace(0, 1, 5).requires_grad_()
+    fused = _solve(field, y0, t, torch.bfloat16, fuse=True)
+    chain = _solve(field, y0, t, torch.bfloat16)
+    assert fused["t"].abs().sum() > 0
+    for key in ("sol", "y0", "params", "t"):
+        assert rel_err(fused[key], chain[key]) < 1e-5, key
