@@ -5,7 +5,8 @@
 #
 # perf (issue 8, first): the perf suite into reports/<gpu-model>/, then the ablation of rampde's
 # options (perf/ablation.csv) and the torch.profiler tables (perf/profile/) of
-# `python -m rampde.bench.profiling ablate|profile`, each of the three bounded by PERF_S.
+# `python -m rampde.bench.profiling ablate|profile`, each of the three bounded by PERF_S (170 s:
+# the step fits one 10-minute call).
 # Results go to reports/<gpu-model>/ (results.csv, timelines.csv, pytest-benchmark.json, perf/),
 # reports/asv/results/<gpu-model>/ and reports/training/<gpu-model>/. A step stopped by its limit
 # (SIGINT) keeps what it finished: sweeps, the ablation and training write atomically as they go,
@@ -32,9 +33,9 @@ step() {
 run_step() {
     case "$1" in
     perf)
-        step "${PERF_S:-240}" "$py" -m rampde.bench run --suite perf --out "$dir"
-        step "${PERF_S:-240}" "$py" -m rampde.bench.profiling ablate --out "$dir/perf"
-        step "${PERF_S:-240}" "$py" -m rampde.bench.profiling profile --out "$dir/perf"
+        step "${PERF_S:-170}" "$py" -m rampde.bench run --suite perf --out "$dir"
+        step "${PERF_S:-170}" "$py" -m rampde.bench.profiling ablate --out "$dir/perf"
+        step "${PERF_S:-170}" "$py" -m rampde.bench.profiling profile --out "$dir/perf"
         ;;
     quick) step "${QUICK_S:-480}" "$py" -m rampde.bench run --suite quick --out "$dir" ;;
     paper) step "${PAPER_S:-540}" "$py" -m rampde.bench run --suite paper --out "$dir" ;;

@@ -233,8 +233,9 @@ class PerfCell:
 
 
 # Default sizes per device type: {workload: (widths, batch, steps)}; `default_cells` takes mlp, conv.
+# On CUDA the decisive cell (MLP 2048) first, so that a run cut short by its time limit has it.
 DEFAULT_SIZES: dict[str, dict[str, tuple[tuple[int, ...], int, int]]] = {
-    "cuda": {"mlp": ((256, 1024, 2048), 2048, 64), "conv": ((128,), 64, 64), "cnf": ((64,), 1024, 64)},
+    "cuda": {"mlp": ((2048, 256, 1024), 2048, 64), "conv": ((128,), 64, 64), "cnf": ((64,), 1024, 64)},
     "cpu": {"mlp": ((16,), 16, 4), "conv": ((8,), 8, 4), "cnf": ((16,), 16, 4)},
 }
 DEFAULT_WORKLOADS = ("mlp", "conv")
