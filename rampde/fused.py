@@ -51,19 +51,27 @@ def _own_copy(fn: Callable, tag: str) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def _kind(y: torch.Tensor, dtypes: Sequence[torch.dtype]) -> tuple:
-    """What a compiled version is specialised on: the device, the state's and the terms' dtypes."""
-    return (y.device.type, y.dtype, *dtypes)
+def _layout(x: torch.Tensor) -> tuple:
+    """What dynamo specialises a tensor argument on besides its sizes: device, dtype, rank, the
+    order of its strides, and which sizes are 1."""
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return (x.device.type, x.dtype, x.dim(), order, tuple(n == 1 for n in x.shape))
+
+
+def _kind(*tensors: torch.Tensor, constants: tuple = ()) -> tuple:
+    """The kind of a call: its tensors' layouts and the constants compiled into it."""
+    return (*(_layout(x) for x in tensors), *constants)
 
 
 def _run(fn: Callable, kind: tuple, *args):
-    """``fn`` compiled for this ``kind`` of call; a failure of the first call (no compiler,
-    unsupported platform) becomes an error naming the option."""
+    """``fn(*args)`` compiled once per ``kind`` of call (``_kind``), sizes dynamic; the tensors of
+    ``args`` go in detached (no autograd guards: the callers handle the gradient). A failure of
+    the first call (no compiler, unsupported platform) becomes an error naming the option."""
     key = (fn.__name__, *kind)
     if key not in _compiled:
-        tag = "_".join(str(x).replace("torch.", "") for x in kind)
-        log.debug("rampde.fused: compiling %s for %s", fn.__name__, tag)
-        _compiled[key] = torch.compile(_own_copy(fn, tag), dynamic=True, fullgraph=True)
+        log.debug("rampde.fused: compiling %s (#%d) for %s", fn.__name__, len(_compiled), key[1:])
+        _compiled[key] = torch.compile(_own_copy(fn, str(len(_compiled))), dynamic=True, fullgraph=True)
+    args = tuple(_detached(a) for a in args)
     if key in _ran:
         return _compiled[key](*args)
     try:
@@ -77,10 +85,18 @@ def _run(fn: Callable, kind: tuple, *args):
     return result
 
 
+def _detached(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.detach()
+    if isinstance(arg, list):
+        return [_detached(a) for a in arg]
+    return arg
+
+
 def combine(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> torch.Tensor:
     """``y + sum_l coefs[l] * ks[l]`` in ``y``'s dtype, as one fused kernel (no autograd)."""
     ks = list(ks)
-    return _run(_weighted_sum, _kind(y, [k.dtype for k in ks]), y, ks, coefs)
+    return _run(_weighted_sum, _kind(y, *ks, coefs), y, ks, coefs)
 
 
 class _Combine(torch.autograd.Function):
@@ -97,7 +113,7 @@ class _Combine(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         (coefs,) = ctx.saved_tensors
         dtypes = ctx.dtypes
-        grads = _run(_scaled_copies, _kind(g, dtypes), g, coefs, dtypes)
+        grads = _run(_scaled_copies, _kind(g, coefs, constants=tuple(dtypes)), g, coefs, dtypes)
         return (g, None, *grads)
 
 
@@ -110,4 +126,4 @@ def combine_graph(y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tens
 def combine_into(out: torch.Tensor, y: torch.Tensor, ks: Sequence[torch.Tensor], coefs: torch.Tensor) -> None:
     """``out = y + sum_l coefs[l] * ks[l]``, written in place, as one fused kernel (no autograd)."""
     ks = list(ks)
-    _run(_weighted_sum_into, _kind(y, [k.dtype for k in ks]), out, y, ks, coefs)
+    _run(_weighted_sum_into, _kind(out, y, *ks, coefs), out, y, ks, coefs)
