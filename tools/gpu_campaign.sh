@@ -12,7 +12,8 @@
 # (SIGINT) keeps what it finished: sweeps, the ablation and training write atomically as they go,
 # and a rerun of a sweep or training resumes (the ablation and the profiles start afresh).
 # Limits in seconds: PERF_S, QUICK_S, PAPER_S, PYTEST_S, ASV_S, TRAIN_S; PYTHON picks the
-# interpreter (one with rampde installed, e.g. `pip install --no-deps -e .`).
+# interpreter (one with rampde installed, e.g. `pip install --no-deps -e .`). A box without
+# internet gets plotly and asv as wheels fetched elsewhere by tools/fetch_gpu_wheels.sh.
 set -u
 py=${PYTHON:-python3}
 gpu=$("$py" -c 'from rampde.bench.measure import gpu_name, gpu_slug; print(gpu_slug(gpu_name("cuda")))') || {
