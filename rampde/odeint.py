@@ -96,6 +96,7 @@ def odeint(
 
     t_host = t.detach().cpu()
     grid = t if step_size is None else _uniform_grid(t, t_host, step_size)
+    grid_host = t_host if step_size is None else _uniform_grid(t_host, t_host, step_size)
 
     cast = _weight_cast(func, autocast_dtype, device_type) if cast_weights == "once" else None
     spec = SolveSpec(
@@ -111,6 +112,7 @@ def odeint(
         and any(x.requires_grad for x in (grid, y0_flat, *diff_params)),
         cast=cast,
         fuse=fuse,
+        grid_host=grid_host,
     )
     log.debug(
         "rampde.odeint: %s, %d steps, field in %s, state in %s, stored in %s",

@@ -92,7 +92,8 @@ class SolveSpec:
     scaler: DynamicScaler | None
     keep_activations: bool = False  # "activations" storage: keep each step's 16-bit graph
     cast: WeightCast | None = None  # parameters cast to 16-bit once per solve
-    fuse: bool = False  # no-grad stage combinations and updates as fused kernels (``fused``)
+    fuse: bool = False  # stage combinations and updates as fused kernels (``fused``)
+    grid_host: torch.Tensor | None = None  # the grid on the CPU (the solve's one host read of times)
 
     def autocast(self) -> torch.autocast:
         """The precision context of the field: the caller's autocast, with its weight cache only
@@ -116,7 +117,14 @@ class SolveSpec:
 
 @dataclass(frozen=True)
 class _StepCoefficients:
-    """Per-step constants of the scheme on one grid, computed once per solve on the device."""
+    """Per-step constants of the scheme on one grid, computed once per solve on the device, and
+    as Python numbers from the host copy of the grid.
+
+    The host numbers are the device values exactly (the same fp32/fp64 arithmetic on the CPU):
+    they go into the kernels as scalar arguments, so that a step indexes no coefficient tensor
+    (each index is a dispatched view, host time that launch-bound small fields feel). ``stage_ts``
+    holds the stage times as 0-d device views, made in one call.
+    """
 
     c: torch.Tensor  # (s,)
     a: torch.Tensor  # (s, s), strictly lower triangular
@@ -127,16 +135,33 @@ class _StepCoefficients:
     stage_terms: list[list[int]]  # per stage j, the l with a_jl != 0
     stage_coefs: list[torch.Tensor]  # per stage j, (N, len(stage_terms[j])): those h_i a_jl
     update_coefs: torch.Tensor  # (N, len(weighted)): h_i b_j for the b_j != 0
+    ha_host: list[list[list[float]]]  # ha as numbers
+    hb_host: list[list[float]]  # hb as numbers
+    stage_ts: list[list[torch.Tensor]]  # stage_ts[i][j]: stage_t[i, j], a 0-d view
+    stage_coef_rows: list[list[torch.Tensor]]  # stage_coef_rows[j][i]: stage_coefs[j][i], a view
 
     @staticmethod
-    def build(tableau: ButcherTableau, grid: torch.Tensor) -> "_StepCoefficients":
+    def build(tableau: ButcherTableau, grid: torch.Tensor, grid_host: torch.Tensor | None) -> "_StepCoefficients":
+        """``grid_host``: the same grid on the CPU in the same dtype (read from ``grid`` if None)."""
+        device = _StepCoefficients._on(tableau, grid)
+        host = _StepCoefficients._on(tableau, grid.detach().cpu() if grid_host is None else grid_host)
+        return _StepCoefficients(
+            **device,
+            ha_host=host["ha"].tolist(),
+            hb_host=host["hb"].tolist(),
+            stage_ts=[list(row.unbind(0)) for row in device["stage_t"].unbind(0)],
+            stage_coef_rows=[list(rows.unbind(0)) for rows in device["stage_coefs"]],
+        )
+
+    @staticmethod
+    def _on(tableau: ButcherTableau, grid: torch.Tensor) -> dict:
         s = tableau.stages
         square = [[*row, *([0.0] * (s - len(row)))] for row in tableau.a]
         c, a, b = (torch.tensor(x, dtype=grid.dtype, device=grid.device) for x in (tableau.c, square, tableau.b))
         h = grid[1:] - grid[:-1]
         ha, hb = h[:, None, None] * a, h[:, None] * b
         terms = [[l for l, a_jl in enumerate(row) if a_jl != 0.0] for row in tableau.a]
-        return _StepCoefficients(
+        return dict(
             c=c,
             a=a,
             h=h,
@@ -153,7 +178,7 @@ def _stages(
     spec: SolveSpec,
     y: torch.Tensor,
     stage_t: Sequence[torch.Tensor],
-    ha: torch.Tensor,
+    ha: torch.Tensor | Sequence[Sequence[float]],
     weights: Sequence[Weights | None],
 ) -> list[torch.Tensor]:
     """The stage derivatives ``k_j`` of one step from state ``y`` (accumulation dtype);
@@ -163,8 +188,12 @@ def _stages(
         stage_y = y
         for l, a_jl in enumerate(row):
             if a_jl != 0.0:
-                # addcmul promotes the 16-bit stage to the state's dtype inside the kernel.
-                stage_y = torch.addcmul(stage_y, ks[l], ha[j, l])
+                # The 16-bit stage is promoted to the state's dtype inside the kernel.
+                coefficient = ha[j][l]
+                if isinstance(coefficient, float):
+                    stage_y = torch.add(stage_y, ks[l], alpha=coefficient)
+                else:  # a differentiated coefficient (the time gradient)
+                    stage_y = torch.addcmul(stage_y, ks[l], coefficient)
         ks.append(spec.field(stage_t[j], stage_y, weights[j]))
     return ks
 
@@ -185,8 +214,8 @@ def _fused_stages(spec: SolveSpec, y: torch.Tensor, coef: _StepCoefficients, i: 
     combine = fused.combine_graph if torch.is_grad_enabled() else fused.combine
     ks: list[torch.Tensor] = []
     for j, terms in enumerate(coef.stage_terms):
-        stage_y = combine(y, [ks[l] for l in terms], coef.stage_coefs[j][i]) if terms else y
-        ks.append(spec.field(coef.stage_t[i, j], stage_y, weights[j]))
+        stage_y = combine(y, [ks[l] for l in terms], coef.stage_coef_rows[j][i]) if terms else y
+        ks.append(spec.field(coef.stage_ts[i][j], stage_y, weights[j]))
     return ks
 
 
@@ -247,15 +276,15 @@ def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, st
         return _StepGraph(y, t0, h, _stages(spec, y, t0 + h * coef.c, h * coef.a, weights), stage_weights)
     if spec.fuse:
         return _StepGraph(y, None, None, _fused_stages(spec, y, coef, i, weights), stage_weights)
-    return _StepGraph(y, None, None, _stages(spec, y, coef.stage_t[i], coef.ha[i], weights), stage_weights)
+    return _StepGraph(y, None, None, _stages(spec, y, coef.stage_ts[i], coef.ha_host[i], weights), stage_weights)
 
 
-def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], hb: torch.Tensor,
+def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], hb: Sequence[float],
             weighted: list[int]) -> None:
     """``out = y + sum_j hb_j k_j`` in the state's dtype, written in place."""
-    torch.addcmul(y, ks[weighted[0]], hb[weighted[0]], out=out)
+    torch.add(y, ks[weighted[0]], alpha=hb[weighted[0]], out=out)
     for j in weighted[1:]:
-        out.addcmul_(ks[j], hb[j])
+        out.add_(ks[j], alpha=hb[j])
 
 
 def _unscaled(v: torch.Tensor, acc: torch.dtype, inv_scale: torch.Tensor | None) -> torch.Tensor:
@@ -282,7 +311,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: SolveSpec, grid: torch.Tensor, y0: torch.Tensor, *params: torch.Tensor):
-        coef = _StepCoefficients.build(spec.tableau, grid)
+        coef = _StepCoefficients.build(spec.tableau, grid, spec.grid_host)
         weighted = _weighted(spec.tableau)
         traj = _trajectory_buffer(y0, grid.shape[0], spec.acc_dtype)
         traj[0] = y0
@@ -300,11 +329,11 @@ class DiscreteAdjointSolve(torch.autograd.Function):
                 elif spec.fuse:
                     ks = _fused_stages(spec, traj[i], coef, i, shared)
                 else:
-                    ks = _stages(spec, traj[i], coef.stage_t[i], coef.ha[i], shared)
+                    ks = _stages(spec, traj[i], coef.stage_ts[i], coef.ha_host[i], shared)
                 if spec.fuse:
                     fused.combine_into(traj[i + 1], traj[i], [ks[j] for j in weighted], coef.update_coefs[i])
                 else:
-                    _update(traj[i + 1], traj[i], ks, coef.hb[i], weighted)
+                    _update(traj[i + 1], traj[i], ks, coef.hb_host[i], weighted)
         keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype
         stored = traj if keep_traj else traj.to(spec.state_dtype)
         ctx.spec, ctx.coef, ctx.graphs, ctx.copies = spec, coef, graphs, copies
@@ -407,7 +436,7 @@ def _adjoint_sweep(
     with spec.autocast(), torch.enable_grad():
         for i in range(grid.shape[0] - 2, -1, -1):
             step = graphs[i] if graphs else _build_step(spec, coef, grid, stored[i], i, need_t, copies, slots)
-            hb = coef.hb[i]
+            hb = coef.hb_host[i]
             if spec.scaler is not None:
                 scale, inv_scale = spec.scaler.step_scale(adjoint, h_abs[i])
                 cotangent = adjoint * scale

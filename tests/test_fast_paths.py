@@ -366,3 +366,44 @@ def test_fused_with_a_time_gradient_matches_the_chain():
     assert fused["t"].abs().sum() > 0
     for key in ("sol", "y0", "params", "t"):
         assert rel_err(fused[key], chain[key]) < 1e-5, key
+
+
+# ----------------------------------------------------------------------------- host-side overhead
+
+
+class _Ops(TorchDispatchMode):
+    """Counts dispatched aten ops by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_steps_index_no_coefficient_tensors(storage):
+    """Each coefficient reaches its kernel as a number: per extra step, only a handful of views
+    (the state, its cotangent), not one per stage coefficient (about 50 per rk4 step before)."""
+    field, y0 = _case("mlp")
+    selects = {}
+    for steps in (8, 16):
+        with _Ops() as ops:
+            _solve(field, y0, torch.linspace(0, 1, steps + 1), torch.bfloat16, storage=storage)
+        selects[steps] = ops.counts.get("aten.select", 0)
+    assert (selects[16] - selects[8]) / 8 <= 8, selects
+
+
+def test_host_coefficients_are_the_device_values():
+    from rampde.stepper import _StepCoefficients
+    from rampde.tableaus import get_tableau
+
+    grid = torch.cumsum(torch.rand(7, dtype=torch.float32), 0)
+    coef = _StepCoefficients.build(get_tableau("rk4"), grid, grid.clone())
+    assert coef.ha_host == coef.ha.tolist() and coef.hb_host == coef.hb.tolist()
+    assert [[float(x) for x in row] for row in coef.stage_ts] == coef.stage_t.tolist()
+    read = _StepCoefficients.build(get_tableau("rk4"), grid, None)  # reads the grid itself
+    assert read.ha_host == coef.ha_host
