@@ -129,49 +129,42 @@ class _StepCoefficients:
     c: torch.Tensor  # (s,)
     a: torch.Tensor  # (s, s), strictly lower triangular
     h: torch.Tensor  # (N,)
-    stage_t: torch.Tensor  # (N, s): t_i + c_j h_i
-    ha: torch.Tensor  # (N, s, s): h_i a_jl
-    hb: torch.Tensor  # (N, s): h_i b_j
     stage_terms: list[list[int]]  # per stage j, the l with a_jl != 0
-    stage_coefs: list[torch.Tensor]  # per stage j, (N, len(stage_terms[j])): those h_i a_jl
-    update_coefs: torch.Tensor  # (N, len(weighted)): h_i b_j for the b_j != 0
-    ha_host: list[list[list[float]]]  # ha as numbers
-    hb_host: list[list[float]]  # hb as numbers
-    stage_ts: list[list[torch.Tensor]]  # stage_ts[i][j]: stage_t[i, j], a 0-d view
-    stage_coef_rows: list[list[torch.Tensor]]  # stage_coef_rows[j][i]: stage_coefs[j][i], a view
+    ha_host: list[list[list[float]]]  # ha_host[i][j][l] = h_i a_jl
+    hb_host: list[list[float]]  # hb_host[i][j] = h_i b_j
+    stage_ts: list[list[torch.Tensor]]  # stage_ts[i][j] = t_i + c_j h_i, a 0-d view
+    stage_coef_rows: list[list[torch.Tensor]]  # stage_coef_rows[j][i]: the nonzero h_i a_jl of stage j (fused)
+    update_coef_rows: list[torch.Tensor]  # update_coef_rows[i]: the h_i b_j with b_j != 0 (fused)
 
     @staticmethod
     def build(tableau: ButcherTableau, grid: torch.Tensor, grid_host: torch.Tensor | None) -> "_StepCoefficients":
         """``grid_host``: the same grid on the CPU in the same dtype (read from ``grid`` if None)."""
-        device = _StepCoefficients._on(tableau, grid)
-        host = _StepCoefficients._on(tableau, grid.detach().cpu() if grid_host is None else grid_host)
+        device = _StepCoefficients.tensors(tableau, grid)
+        host = _StepCoefficients.tensors(tableau, grid.detach().cpu() if grid_host is None else grid_host)
+        terms = [[l for l, a_jl in enumerate(row) if a_jl != 0.0] for row in tableau.a]
+        ha, hb = device["ha"], device["hb"]
         return _StepCoefficients(
-            **device,
+            c=device["c"],
+            a=device["a"],
+            h=device["h"],
+            stage_terms=terms,
             ha_host=host["ha"].tolist(),
             hb_host=host["hb"].tolist(),
             stage_ts=[list(row.unbind(0)) for row in device["stage_t"].unbind(0)],
-            stage_coef_rows=[list(rows.unbind(0)) for rows in device["stage_coefs"]],
+            stage_coef_rows=[list(ha[:, j, t].contiguous().unbind(0)) for j, t in enumerate(terms)],
+            update_coef_rows=list(hb[:, _weighted(tableau)].contiguous().unbind(0)),
         )
 
     @staticmethod
-    def _on(tableau: ButcherTableau, grid: torch.Tensor) -> dict:
+    def tensors(tableau: ButcherTableau, grid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``c``, ``a`` (s x s), ``h`` (N), ``stage_t`` (N x s), ``ha`` (N x s x s), ``hb`` (N x s) on
+        ``grid``'s device and in its dtype."""
         s = tableau.stages
         square = [[*row, *([0.0] * (s - len(row)))] for row in tableau.a]
         c, a, b = (torch.tensor(x, dtype=grid.dtype, device=grid.device) for x in (tableau.c, square, tableau.b))
         h = grid[1:] - grid[:-1]
-        ha, hb = h[:, None, None] * a, h[:, None] * b
-        terms = [[l for l, a_jl in enumerate(row) if a_jl != 0.0] for row in tableau.a]
-        return dict(
-            c=c,
-            a=a,
-            h=h,
-            stage_t=grid[:-1, None] + h[:, None] * c,
-            ha=ha,
-            hb=hb,
-            stage_terms=terms,
-            stage_coefs=[ha[:, j, t].contiguous() for j, t in enumerate(terms)],
-            update_coefs=hb[:, _weighted(tableau)].contiguous(),
-        )
+        return dict(c=c, a=a, h=h, stage_t=grid[:-1, None] + h[:, None] * c, ha=h[:, None, None] * a,
+                    hb=h[:, None] * b)
 
 
 def _stages(
@@ -331,7 +324,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
                 else:
                     ks = _stages(spec, traj[i], coef.stage_ts[i], coef.ha_host[i], shared)
                 if spec.fuse:
-                    fused.combine_into(traj[i + 1], traj[i], [ks[j] for j in weighted], coef.update_coefs[i])
+                    fused.combine_into(traj[i + 1], traj[i], [ks[j] for j in weighted], coef.update_coef_rows[i])
                 else:
                     _update(traj[i + 1], traj[i], ks, coef.hb_host[i], weighted)
         keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype

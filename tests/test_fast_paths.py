@@ -403,7 +403,8 @@ def test_host_coefficients_are_the_device_values():
 
     grid = torch.cumsum(torch.rand(7, dtype=torch.float32), 0)
     coef = _StepCoefficients.build(get_tableau("rk4"), grid, grid.clone())
-    assert coef.ha_host == coef.ha.tolist() and coef.hb_host == coef.hb.tolist()
-    assert [[float(x) for x in row] for row in coef.stage_ts] == coef.stage_t.tolist()
+    device = _StepCoefficients.tensors(get_tableau("rk4"), grid)
+    assert coef.ha_host == device["ha"].tolist() and coef.hb_host == device["hb"].tolist()
+    assert [[float(x) for x in row] for row in coef.stage_ts] == device["stage_t"].tolist()
     read = _StepCoefficients.build(get_tableau("rk4"), grid, None)  # reads the grid itself
     assert read.ha_host == coef.ha_host
