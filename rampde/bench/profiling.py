@@ -30,7 +30,6 @@ time; on the CPU each aten op by its name, summing self CPU time (a kernel-free 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from . import measure
 from . import competitors
 from .competitors import METHOD, RunOutput, get_competitor
 from .results import atomic_write, write_csv_atomic
-from .sweep import Cell, ReferenceCache, _message, free_memory, is_oom
+from .sweep import Cell, ReferenceCache, _message, _now, accuracy_columns, failure_columns, free_memory, is_oom
 from .workloads import WORKLOADS, Workload, build_workload
 
 log = logging.getLogger(__name__)
@@ -305,10 +304,6 @@ def rampde_run(precision: str, options: Mapping[str, Any]) -> Callable[[Workload
 # ----------------------------------------------------------------------------- ablation
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _unsupported(exc: BaseException, variant: Variant) -> bool:
     """A ValueError naming one of the variant's options: this rampde does not take it."""
     return isinstance(exc, ValueError) and any(key in str(exc) for key in variant.options)
@@ -341,25 +336,18 @@ def measure_variant(variant: Variant, get_workload: Callable[[], Workload], cell
         row["tflops"] = measure.achieved_tflops(flops, timing.median_ms)
         row["scaler_retries"] = float(out.extra.get("scaler_retries", math.nan))
         del result
-        if not measure.all_finite(out):
-            row.update(status="nonfinite", message="loss or gradients not finite")
-        else:
-            ref = reference(workload)
-            if isinstance(ref, str):
-                row["message"] = f"no gradient error: the fp64 reference failed ({ref})"
-            else:
-                row["grad_err_params"], row["grad_err_y0"] = measure.gradient_errors(out, ref)
+        row.update(accuracy_columns(out, lambda: reference(workload)))
         del out
     except Exception as exc:
-        if is_oom(exc):
-            row.update(status="oom", message=_message(exc))
-            log.info("out of memory: %s %s", cell.label, variant.name)
-        elif _unsupported(exc, variant):
+        if not is_oom(exc) and _unsupported(exc, variant):
             row.update(status="unsupported", message=_message(exc))
             log.info("unsupported: %s %s (%s)", cell.label, variant.name, row["message"])
         else:
-            row.update(status="error", message=f"{type(exc).__name__}: {_message(exc)}")
-            log.exception("%s %s failed", cell.label, variant.name)
+            row.update(failure_columns(exc))
+            if row["status"] == "oom":
+                log.info("out of memory: %s %s", cell.label, variant.name)
+            else:
+                log.exception("%s %s failed", cell.label, variant.name)
     if row["status"] != "ok":
         free_memory()  # after the except block: the traceback's frames (and tensors) are gone
     row["timestamp"] = _now()

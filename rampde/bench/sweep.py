@@ -170,6 +170,25 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def accuracy_columns(out: RunOutput, reference: Callable[[], RunOutput | str]) -> dict[str, Any]:
+    """Status, message and gradient errors of a finished run; ``reference()`` (the fp64 output of
+    the same scheme, or why there is none) is asked for only when the run is finite."""
+    if not measure.all_finite(out):
+        return {"status": "nonfinite", "message": "loss or gradients not finite"}
+    ref = reference()
+    if isinstance(ref, str):
+        return {"message": f"no gradient error: the fp64 reference failed ({ref})"}
+    grad_err_params, grad_err_y0 = measure.gradient_errors(out, ref)
+    return {"grad_err_params": grad_err_params, "grad_err_y0": grad_err_y0}
+
+
+def failure_columns(exc: BaseException) -> dict[str, Any]:
+    """Status and message of a run that raised: ``oom`` for out of memory, else ``error``."""
+    if is_oom(exc):
+        return {"status": "oom", "message": _message(exc)}
+    return {"status": "error", "message": f"{type(exc).__name__}: {_message(exc)}"}
+
+
 def measure_cell(cell: Cell, workloads: _Workloads, references: ReferenceCache, *, device: torch.device,
                  repeats: int, warmup: int, env: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Measure one cell: its result row and NVML timeline. Raises nothing but KeyboardInterrupt
@@ -194,21 +213,13 @@ def measure_cell(cell: Cell, workloads: _Workloads, references: ReferenceCache, 
         flops = measure.solve_flops(workload.flops_per_eval(), cell.steps, measure.STAGES[cell.method])
         row["tflops"] = measure.achieved_tflops(flops, result.timing.median_ms)
         del result
-        if not measure.all_finite(out):
-            row.update(status="nonfinite", message="loss or gradients not finite")
-        else:
-            reference = references.get(competitor, workload, cell)
-            if isinstance(reference, str):
-                row["message"] = f"no gradient error: the fp64 reference failed ({reference})"
-            else:
-                row["grad_err_params"], row["grad_err_y0"] = measure.gradient_errors(out, reference)
+        row.update(accuracy_columns(out, lambda: references.get(competitor, workload, cell)))
         del out
     except Exception as exc:
-        if is_oom(exc):
-            row.update(status="oom", message=_message(exc))
+        row.update(failure_columns(exc))
+        if row["status"] == "oom":
             log.info("out of memory: %s", cell.label)
         else:
-            row.update(status="error", message=f"{type(exc).__name__}: {_message(exc)}")
             log.exception("cell %s failed", cell.label)
     if row["status"] != "ok":
         free_memory()  # after the except block: the traceback's frames (and tensors) are gone
