@@ -79,8 +79,7 @@ def odeint(
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     tableau = get_tableau(method)
-    step_size, state_dtype_opt, storage, cast_weights = _check_options(options)
-    fuse = _check_fuse(options)
+    step_size, state_dtype_opt, storage, cast_weights, fuse = _check_options(options)
     y0_flat, shapes = _flatten_state(y0)
     device_type = y0_flat.device.type
     acc_dtype = torch.promote_types(y0_flat.dtype, torch.float32)
@@ -126,9 +125,10 @@ def odeint(
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str, str]:
+def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str, str, bool]:
+    """``step_size``, ``state_dtype`` (resolved later), ``storage``, ``cast_weights``, ``fuse``."""
     if options is None:
-        return None, None, "states", "once"
+        return None, None, "states", "once", False
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict with keys among {_OPTION_KEYS}, got {type(options).__name__}")
     unknown = sorted(set(options) - set(_OPTION_KEYS))
@@ -158,14 +158,10 @@ def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, s
     cast_weights = options.get("cast_weights", "once")
     if cast_weights not in _CAST_WEIGHTS:
         raise ValueError(f"options['cast_weights'] must be one of {list(_CAST_WEIGHTS)}, got {cast_weights!r}")
-    return step_size, options.get("state_dtype"), storage, cast_weights
-
-
-def _check_fuse(options: dict[str, Any] | None) -> bool:
-    fuse = (options or {}).get("fuse", False)
+    fuse = options.get("fuse", False)
     if not isinstance(fuse, bool):
         raise TypeError(f"options['fuse'] must be True or False, got {fuse!r}")
-    return fuse
+    return step_size, options.get("state_dtype"), storage, cast_weights, fuse
 
 
 def _flatten_state(y0: State) -> tuple[torch.Tensor, tuple[torch.Size, ...] | None]:
