@@ -571,7 +571,8 @@ def _ordered(names: Sequence[str]) -> list[str]:
 
 def parity_table(df: pd.DataFrame) -> pd.DataFrame:
     """Final test metric per task and competitor (mean over seeds) and its difference to
-    ``torchdiffeq-fp32`` (``delta_vs_fp32``: competitor minus baseline, NaN without a baseline),
+    ``torchdiffeq-fp32`` at the same epoch (``delta_vs_fp32``: competitor minus baseline, NaN
+    without a baseline at that epoch; ``epochs`` says where each run ended),
     with the final epoch's wall time and allocator peak (means over seeds) and its cumulative
     skipped steps and adjoint retries (sums over seeds)."""
     cols = ["task", "competitor", "precision", "metric_name", "epochs", "final_metric", "delta_vs_fp32",
@@ -584,8 +585,10 @@ def parity_table(df: pd.DataFrame) -> pd.DataFrame:
         final_metric=("test_metric", "mean"), wall_s=("wall_s", "mean"), peak_mem_bytes=("peak_mem_bytes", "mean"),
         skipped_steps=("skipped_steps", "sum"), scaler_retries=("scaler_retries", "sum"), seeds=("seed", "nunique"),
     )
-    base = table[table["competitor"] == BASELINE].set_index("task")["final_metric"]
-    table["delta_vs_fp32"] = table["final_metric"] - table["task"].map(base)
+    # the baseline at the same epoch, so that a run cut short is not compared with a finished one
+    base = df[df["competitor"] == BASELINE].groupby(["task", "epoch"])["test_metric"].mean()
+    table["delta_vs_fp32"] = [metric - base.get((task, epoch), math.nan) for task, epoch, metric
+                              in zip(table["task"], table["epochs"], table["final_metric"])]
     rank = {n: i for i, n in enumerate([*TASKS, *_ordered(table["competitor"].unique())])}
     table = table.sort_values(["task", "competitor"], key=lambda s: s.map(lambda n: (rank.get(n, len(rank)), n)))
     return table[cols].reset_index(drop=True)

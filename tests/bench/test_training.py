@@ -215,6 +215,18 @@ def test_parity_table_and_figures(digits_run):
     assert parity_table(df.iloc[0:0]).empty
 
 
+def test_parity_compares_a_cut_short_run_with_fp32_at_the_same_epoch(digits_run):
+    _, df, _ = digits_run
+    cut = df[~((df["competitor"] == "rampde-bf16") & (df["epoch"] == 2))]
+    got = parity_table(cut).set_index("competitor")
+    assert got.loc["rampde-bf16", "epochs"] == 1 and got.loc["torchdiffeq-fp32", "epochs"] == 2
+    at_one = cut[cut["epoch"] == 1].set_index("competitor")["test_metric"]
+    assert got.loc["rampde-bf16", "delta_vs_fp32"] == pytest.approx(at_one["rampde-bf16"]
+                                                                      - at_one["torchdiffeq-fp32"])
+    no_base_at_two = cut[~((cut["competitor"] == "torchdiffeq-fp32") & (cut["epoch"] == 2))]
+    assert math.isnan(parity_table(no_base_at_two).set_index("competitor").loc["autocast-fp16", "delta_vs_fp32"])
+
+
 def _parse(*argv: str) -> argparse.Namespace:
     return add_train_arguments(argparse.ArgumentParser()).parse_args(list(argv))
 
