@@ -1,0 +1,222 @@
+"""tools/gpu_campaign.py: the one-call GPU campaign's plan, limits, stopping, packing and merging,
+and tools/asv_history.py's benchmark path. The steps' own commands are tested where they live."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from _pytest.mark.expression import Expression
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+campaign = _load("gpu_campaign")
+asv_history = _load("asv_history")
+
+PY = sys.executable
+
+
+def test_default_plan_fits_one_call_and_keeps_the_order():
+    steps = campaign.select_steps(None)
+    assert [s.name for s in steps] == list(campaign.STEP_NAMES)
+    assert steps[0].name == "perf"  # issue 8's cells before anything else
+    budget = campaign.DEFAULT_BUDGET_S
+    assert budget + 50 <= 600  # setup and the last pack fit in a 10-minute call
+    left, limits = budget, []
+    for step in steps:
+        limits.append(campaign.step_limit(step.share, left))
+        left -= limits[-1]
+    assert sum(limits) <= budget - campaign.PACK_RESERVE_S
+    assert all(limit >= campaign.MIN_STEP_S for limit in limits), limits
+
+
+def test_select_steps_keeps_campaign_order_and_names_unknown_ones():
+    assert [s.name for s in campaign.select_steps(["quick", "perf"])] == ["perf", "quick"]
+    with pytest.raises(ValueError, match="unknown step.*nope.*known: perf"):
+        campaign.select_steps(["perf", "nope"])
+
+
+@pytest.mark.parametrize("share, left, expected", [(100, 500, 100), (100, 60, 50), (None, 300, 290), (50, 5, 0)])
+def test_step_limit_is_the_share_within_what_is_left(share, left, expected):
+    assert campaign.step_limit(share, left) == expected
+
+
+def _matches(expression: str, test_id: str) -> bool:
+    name = f"test_forward_backward[{test_id}]".lower()
+    return Expression.compile(expression).evaluate(lambda word: word.lower() in name)
+
+
+def test_pytest_selection_picks_every_competitor_small_and_the_main_ones_large():
+    expr = campaign.pytest_selection("cuda")
+    assert _matches(expr, "checkpoint-step-mlp-w256-b2048-N64")
+    assert _matches(expr, "rampde-bf16-mlp-w2048-b2048-N64")
+    assert _matches(expr, "torchdiffeq-tf32-mlp-w2048-b2048-N64")
+    assert not _matches(expr, "rampde-bf16-fast-mlp-w2048-b2048-N64")
+    assert not _matches(expr, "checkpoint-step-mlp-w2048-b2048-N64")
+    assert not _matches(expr, "rampde-bf16-conv-w128-b64-N64")
+    assert _matches(campaign.pytest_selection("cpu"), "reversible-mlp-w8-b8-N2")
+
+
+def test_asv_selection_names_single_cells_as_asv_writes_them():
+    width, steps = campaign.ASV_CELL["cuda"]
+    time_expr, peak_expr = campaign.asv_selection("cuda")
+    name = "bench_solvers.MLPForwardBackward.{}('{}', {}, {})"
+    assert re.search(time_expr, name.format("track_time_ms", "rampde-bf16", width, steps))
+    assert re.search(time_expr, name.format("track_time_ms", "torchdiffeq-tf32", width, steps))
+    assert not re.search(time_expr, name.format("track_time_ms", "rampde-bf16-fast", width, steps))
+    assert not re.search(time_expr, name.format("track_time_ms", "rampde-bf16", width, steps * 2))
+    assert re.search(peak_expr, name.format("track_peak_alloc_bytes", "torchdiffeq-fp32", width, steps))
+    assert not re.search(peak_expr, name.format("track_time_ms", "torchdiffeq-fp32", width, steps))
+
+
+def test_run_commands_stops_a_command_at_its_limit_and_keeps_the_others(tmp_path):
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    start = time.monotonic()
+    codes, stopped = campaign.run_commands(
+        [[PY, "-c", "print('done')"], [PY, "-c", "import time; time.sleep(60)"]], 2.0, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"}, logs=logs)
+    assert stopped
+    assert codes[0] == 0 and codes[1] != 0
+    assert time.monotonic() - start < campaign.GRACE_S  # SIGINT ended the sleeper
+    assert "done" in logs[0].read_text() and logs[1].read_text().startswith("$ ")
+
+
+def test_run_commands_reports_failures_without_stopping(tmp_path):
+    codes, stopped = campaign.run_commands([[PY, "-c", "raise SystemExit(3)"]], 30.0, cwd=tmp_path, env={},
+                                           logs=[tmp_path / "x.log"])
+    assert (codes, stopped) == ([3], False)
+
+
+def test_pack_holds_new_and_changed_reports_and_the_logs_only(tmp_path):
+    (tmp_path / "reports" / "gpu").mkdir(parents=True)
+    old = tmp_path / "reports" / "gpu" / "old.csv"
+    kept = tmp_path / "reports" / "gpu" / "kept.csv"
+    old.write_text("a\n")
+    kept.write_text("b\n")
+    before = campaign.snapshot(tmp_path)
+    old.write_text("a\nmore\n")
+    (tmp_path / "reports" / "gpu" / "new.json").write_text("{}")
+    (tmp_path / "reports" / "training" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "reports" / "training" / "checkpoints" / "run.pt").write_bytes(b"x")
+    (tmp_path / "reports" / "gpu" / "results.csv.part").write_text("half")
+    logs = tmp_path / ".campaign" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "perf.log").write_text("log")
+    target = tmp_path / "out" / "campaign.tgz"
+    count = campaign.pack(tmp_path, campaign.changed_files(tmp_path, before), [logs, tmp_path / "absent"], target)
+    with tarfile.open(target) as tar:
+        names = sorted(tar.getnames())
+    assert names == [".campaign/logs/perf.log", "reports/gpu/new.json", "reports/gpu/old.csv"]
+    assert count == 3
+    assert not list(target.parent.glob("*.part"))
+
+
+def _rows(task: str, competitor: str, epochs: range, metric: float) -> pd.DataFrame:
+    return pd.DataFrame({"task": task, "competitor": competitor, "seed": 0, "epoch": list(epochs),
+                         "test_metric": metric})
+
+
+def test_merge_training_joins_the_side_by_side_runs(tmp_path):
+    ctx = campaign.Context(PY, "cuda", "nvidia-h200", root=tmp_path)
+    parts = campaign.Stage(tmp_path).training
+    for name, metric in (("torchdiffeq-fp32", 0.9), ("rampde-bf16", 0.8)):
+        (parts / f"digits-{name}").mkdir(parents=True)
+        _rows("digits", name, range(3), metric).to_csv(parts / f"digits-{name}" / "training.csv", index=False)
+    target = tmp_path / "reports" / "training" / "nvidia-h200" / "training.csv"
+    target.parent.mkdir(parents=True)
+    pd.concat([_rows("digits", "rampde-bf16", range(2), 0.1), _rows("cnf", "rampde-bf16", range(2), 2.0)]
+              ).to_csv(target, index=False)
+    assert "8 training rows" in campaign.merge_training(ctx)
+    merged = pd.read_csv(target)
+    assert len(merged) == 3 + 3 + 2
+    digits_bf16 = merged[(merged.task == "digits") & (merged.competitor == "rampde-bf16")]
+    assert digits_bf16["test_metric"].tolist() == [0.8, 0.8, 0.8]  # the new run replaced the old rows
+    assert not list(target.parent.glob("*.part"))
+
+
+def test_merge_training_with_nothing_to_merge(tmp_path):
+    ctx = campaign.Context(PY, "cpu", "cpu", root=tmp_path)
+    assert campaign.merge_training(ctx) == "no training results to merge"
+
+
+def test_run_campaign_packs_after_each_step_and_skips_what_has_no_time(tmp_path):
+    def write(name: str):
+        return lambda ctx: [[PY, "-c", f"import pathlib; p = pathlib.Path('reports/cpu/{name}.csv'); "
+                                       "p.parent.mkdir(parents=True, exist_ok=True); p.write_text('x')"]]
+
+    steps = [campaign.Step("one", 20, write("one")),
+             campaign.Step("two", None, write("two"), after=lambda ctx: "merged"),
+             campaign.Step("three", None, write("three"))]
+    ticks = iter([0.0, 0.0, 0.0, 5.0, 5.0, 10.0, 10.0, 300.0])
+    ctx = campaign.Context(PY, "cpu", "cpu", root=tmp_path)
+    target = tmp_path / "out.tgz"
+    records = campaign.run_campaign(steps, ctx, budget_s=60.0, pack_to=target, env={},
+                                    clock=lambda: next(ticks))
+    assert [(r.name, r.exit_codes, r.skipped != "") for r in records] == [
+        ("one", [0], False), ("two", [0], False), ("three", [], True)]
+    assert records[0].limit_s == 20 and records[1].limit_s == 45  # 60 - 5 s gone - the pack's reserve
+    assert records[1].after == "merged"
+    with tarfile.open(target) as tar:
+        names = set(tar.getnames())
+    assert {"reports/cpu/one.csv", "reports/cpu/two.csv", ".campaign/campaign.json",
+            ".campaign/logs/one.log"} <= names
+    summary = json.loads((tmp_path / ".campaign" / "campaign.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == ["one", "two", "three"]
+
+
+def test_a_sequential_step_runs_its_commands_in_order_within_one_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "MIN_STEP_S", 1.0)
+    ctx = campaign.Context(PY, "cpu", "cpu", root=tmp_path)
+    order = tmp_path / "order.txt"
+
+    def append(word: str) -> list[str]:
+        return [PY, "-c", f"open({str(order)!r}, 'a').write({word!r})"]
+
+    both = campaign.Step("both", 30, lambda c: [append("a"), append("b")], sequential=True)
+    cut = campaign.Step("cut", 2, lambda c: [[PY, "-c", "import time; time.sleep(60)"], append("c")],
+                        sequential=True)
+    records = campaign.run_campaign([both, cut], ctx, budget_s=120.0, pack_to=None, env={})
+    assert order.read_text() == "ab"  # in order; the command after the stopped one never ran
+    assert records[0].exit_codes == [0, 0] and not records[0].stopped
+    assert records[1].stopped and len(records[1].exit_codes) == 1
+
+
+def test_perf_runs_the_headline_cells_first_on_a_gpu():
+    commands = campaign._perf(campaign.Context(PY, "cuda", "nvidia-h200"))
+    assert [c[c.index("--widths") + 1] if "--widths" in c else "all" for c in commands] == ["2048", "128", "all"]
+    assert all(c[c.index("--out") + 1] == "reports/nvidia-h200" for c in commands)
+
+
+def test_command_line_errors_name_the_bad_value(capsys):
+    assert campaign.main(["plan", "--steps", "perf", "nope"]) == 2
+    assert "unknown step(s) nope" in capsys.readouterr().err
+    assert campaign.main(["run", "--budget", "0"]) == 2
+    assert "--budget must be positive" in capsys.readouterr().err
+
+
+def test_plan_prints_each_step_with_its_commands(capsys):
+    assert campaign.main(["plan", "--device", "cpu", "--steps", "perf", "asv"]) == 0
+    out = capsys.readouterr().out
+    assert "perf: up to 150 s" in out and "--suite perf" in out and "tools/asv_history.py" in out
+
+
+def test_asv_benchmark_path_puts_the_commit_first_and_drops_this_checkout(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{tmp_path / 'site'}")
+    assert asv_history.benchmark_path(tmp_path / "tree").split(":") == [str(tmp_path / "tree"),
+                                                                          str(tmp_path / "site")]
