@@ -220,3 +220,32 @@ def test_asv_benchmark_path_puts_the_commit_first_and_drops_this_checkout(monkey
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{tmp_path / 'site'}")
     assert asv_history.benchmark_path(tmp_path / "tree").split(":") == [str(tmp_path / "tree"),
                                                                           str(tmp_path / "site")]
+
+
+def _wheel(folder: Path, name: str, *requires: str) -> Path:
+    import zipfile
+
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    meta = "Metadata-Version: 2.1\nName: {}\nVersion: 1.0\n{}".format(
+        name, "".join(f"Requires-Dist: {r}\n" for r in requires))
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}-1.0.dist-info/METADATA", meta)
+    return path
+
+
+def test_missing_requirements_names_what_neither_the_wheels_nor_the_image_give(tmp_path):
+    wheels = [_wheel(tmp_path, "asv", "asv-runner>=0.2", "tabulate", "virtualenv", "colorama; platform_system == 'Windows'",
+                     "tomli; python_version < '3.11'", "sphinx; extra == 'doc'", "lazy-thing"),
+              _wheel(tmp_path, "asv_runner", "importlib-metadata")]
+    assert campaign.missing_requirements(wheels, "3.12") == ["asv: lazy-thing", "asv_runner: importlib-metadata"]
+    assert "asv: tomli; python_version < '3.11'" in campaign.missing_requirements(wheels, "3.10")
+
+
+def test_asv_environment_is_named_after_a_fixed_wrapper_of_this_python():
+    import subprocess
+
+    wrapper = asv_history.stable_python()
+    assert wrapper.name == "python" and wrapper.parent.name == "rampde-asv"
+    done = subprocess.run([str(wrapper), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == sys.prefix  # the same interpreter, its environment included

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,17 @@ def benchmark_path(tree: Path) -> str:
     return os.pathsep.join([str(tree), *kept])
 
 
+def stable_python() -> Path:
+    """A wrapper of this interpreter at a fixed path: asv names an existing environment after its
+    interpreter's path, so results recorded on any machine carry the same, neutral name
+    (``existing-py_tmp_rampde-asv_python``) instead of where Python is installed there."""
+    wrapper = Path(tempfile.gettempdir()) / "rampde-asv" / "python"
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("commits", nargs="*", help="commits to record (default: the last --count of main)")
@@ -64,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         ["git", "rev-list", f"--max-count={args.count}", "main"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     machine = machine_name()
+    python = stable_python()
     run([sys.executable, "-m", "asv", "machine", "--yes", "--machine", machine], cwd=ROOT)
     with tempfile.TemporaryDirectory(prefix="rampde-asv-") as tmp:
         for sha in commits:
             tree = Path(tmp) / sha[:12]
             run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT)
             try:
-                cmd = [sys.executable, "-m", "asv", "run", "-E", "existing", "--set-commit-hash", sha,
+                cmd = [sys.executable, "-m", "asv", "run", "-E", f"existing:{python}", "--set-commit-hash", sha,
                        "--machine", machine, "--launch-method", "spawn", "--show-stderr"]
                 for expression in args.bench or []:
                     cmd += ["--bench", expression]

@@ -42,9 +42,11 @@ from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_NAME = ".campaign"
-# asv and what it needs that a CUDA PyTorch image lacks (packaging, pyyaml, tabulate, filelock are there)
-WHEEL_PACKAGES = ("asv", "asv_runner", "json5", "virtualenv", "distlib", "platformdirs", "python_discovery",
-                  "importlib_metadata", "Pympler")
+# asv and what it needs that a CUDA PyTorch image lacks; IMAGE_PACKAGES are those such an image
+# holds, UNUSED what asv asks for but an existing environment never imports (its virtualenv plugin)
+WHEEL_PACKAGES = ("asv", "asv_runner", "json5", "importlib_metadata", "lazy_importer", "Pympler")
+IMAGE_PACKAGES = ("build", "packaging", "pyyaml", "tabulate", "zipp")
+UNUSED = ("virtualenv",)
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 DEFAULT_BUDGET_S = 540.0  # one 10-minute call, with room to start, pack and return
 PACK_RESERVE_S = 10.0  # kept back from every step's limit for the stop and the pack
@@ -483,6 +485,37 @@ def _installed_version(name: str) -> str:
         return ""
 
 
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def missing_requirements(wheels: Sequence[Path], python_version: str,
+                         present: Sequence[str] = IMAGE_PACKAGES + UNUSED) -> list[str]:
+    """Requirements of ``wheels`` (markers evaluated for Linux and ``python_version``, extras left
+    out) that neither the wheels nor ``present`` provide, as ``'<wheel>: <requirement>'``."""
+    import zipfile
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    env = {"python_version": python_version, "python_full_version": f"{python_version}.0",
+           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+           "platform_python_implementation": "CPython", "implementation_name": "cpython", "extra": ""}
+    metas = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            metas[wheel] = Parser().parsestr(zf.read(name).decode())
+    provided = {_canonical(m["Name"]) for m in metas.values()} | {_canonical(n) for n in present}
+    missing = []
+    for wheel, meta in metas.items():
+        for text in meta.get_all("Requires-Dist") or []:
+            req = Requirement(text)
+            if (req.marker is None or req.marker.evaluate(env)) and _canonical(req.name) not in provided:
+                missing.append(f"{meta['Name']}: {text}")
+    return missing
+
+
 def prepare(root: Path, python_version: str, allow_dirty: bool) -> int:
     """Fill ``.campaign/``: the wheels (the versions installed here, else the newest), the git
     bundle of main and the commit measured."""
@@ -505,6 +538,14 @@ def prepare(root: Path, python_version: str, allow_dirty: bool) -> int:
             cmd += ["--platform", platform]
         subprocess.run(cmd, check=True)
         print(f"wheel: {spec}")
+    for stale in stage.wheels.glob("*.whl"):
+        if not any(_canonical(stale.name.split("-")[0]) == _canonical(n) for n in WHEEL_PACKAGES):
+            stale.unlink()
+    missing = missing_requirements(sorted(stage.wheels.glob("*.whl")), python_version)
+    if missing:
+        print("gpu_campaign: the wheels need what is neither carried nor on the image:\n  " + "\n  ".join(missing),
+              file=sys.stderr)
+        return 2
     bundle = _git(root, "bundle", "create", str(stage.bundle), "main")
     if bundle.returncode != 0:
         print(f"gpu_campaign: git bundle failed: {bundle.stderr.strip()}", file=sys.stderr)
