@@ -30,6 +30,7 @@ time; on the CPU each aten op by its name, summing self CPU time (a kernel-free 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -246,16 +247,18 @@ def default_cells(device_type: str, workloads: Sequence[str] = DEFAULT_WORKLOADS
                   widths: Sequence[int] = (), batches: Sequence[int] = (),
                   steps: Sequence[int] = ()) -> list[PerfCell]:
     """The ablation's cells: each workload's default widths, batch and steps for the device type,
-    each replaced by what is given."""
+    each replaced by what is given. The workloads take turns (each one's first cell, then each
+    one's second, ...), so that a run stopped early has measured every workload's headline cell."""
     sizes = DEFAULT_SIZES["cuda" if device_type == "cuda" else "cpu"]
-    cells = []
+    per_workload = []
     for name in dict.fromkeys(workloads):
         if name not in WORKLOADS:
             raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
         w_default, b_default, n_default = sizes[name]
-        cells += [PerfCell(name, w, b, n) for w in (widths or w_default) for b in (batches or [b_default])
-                  for n in (steps or [n_default])]
-    return list(dict.fromkeys(cells))
+        per_workload.append([PerfCell(name, w, b, n) for w in (widths or w_default) for b in (batches or [b_default])
+                             for n in (steps or [n_default])])
+    turns = itertools.zip_longest(*per_workload)
+    return list(dict.fromkeys(cell for turn in turns for cell in turn if cell is not None))
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,14 +283,14 @@ class Variant:
 
 def ablation_variants(workload: str) -> list[Variant]:
     """The baseline, then rampde bf16 and fp16 with the default options and one option changed at a
-    time; for conv, all of them again in ``channels_last``. Defaults come before what is compared
-    with them."""
+    time (option by option, both precisions each, the compiled ``fuse`` ones last); for conv, all
+    of them again in ``channels_last``. Defaults come before what is compared with them."""
     variants = []
     for channels_last in (False, True) if workload == "conv" else (False,):
         suffix = f" {CHANNELS_LAST}" if channels_last else ""
         variants.append(Variant(BASELINE + suffix, "fp32", channels_last=channels_last, competitor=BASELINE))
-        for precision in PRECISIONS:
-            for change, options in OPTION_VARIANTS:
+        for change, options in OPTION_VARIANTS:
+            for precision in PRECISIONS:
                 name = " ".join(part for part in (f"rampde-{precision}", change) if part) + suffix
                 variants.append(Variant(name, precision, dict(options), channels_last))
     return variants

@@ -266,3 +266,20 @@ def test_bad_values_exit_2_naming_the_option(argv, option, tmp_path, capsys):
 def test_no_subcommand_is_a_usage_error(capsys):
     assert main([]) == 2
     assert "ablate" in capsys.readouterr().err
+
+
+def test_default_cells_measure_every_workloads_headline_cell_first():
+    from rampde.bench.profiling import default_cells
+
+    cells = [(c.workload, c.width) for c in default_cells("cuda")]
+    assert cells[:2] == [("mlp", 2048), ("conv", 128)]  # the efficiency and conv targets first
+    assert sorted(cells) == [("conv", 128), ("mlp", 256), ("mlp", 1024), ("mlp", 2048)]
+    with pytest.raises(ValueError, match="unknown workload 'nope'"):
+        default_cells("cuda", ["mlp", "nope"])
+
+
+def test_compiled_variants_come_last_in_each_layout():
+    names = [v.name for v in ablation_variants("mlp")]
+    fused = [i for i, n in enumerate(names) if "fuse" in n]
+    assert fused == list(range(len(names) - len(fused), len(names)))
+    assert names[:3] == ["torchdiffeq-fp32", "rampde-bf16", "rampde-fp16"]
