@@ -35,7 +35,7 @@ PY = sys.executable
 def test_default_plan_fits_one_call_and_keeps_the_order():
     steps = campaign.select_steps(None)
     assert [s.name for s in steps] == list(campaign.STEP_NAMES)
-    assert steps[0].name == "perf"  # issue 8's cells before anything else
+    assert steps[0].name == "perf"  # the performance targets' cells before anything else
     budget = campaign.DEFAULT_BUDGET_S
     assert budget + 50 <= 600  # setup and the last pack fit in a 10-minute call
     left, limits = budget, []

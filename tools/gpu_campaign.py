@@ -16,7 +16,7 @@ finished, and a later run resumes the sweeps), then SIGKILL. After every step, t
 limit, time and exit codes) are packed into ``--pack`` atomically, so that a call cut short
 still returns what was finished. Unpack at the repository root: ``tar xzf FILE.tgz``.
 
-The steps (``--steps`` picks some, in this order): ``perf`` the perf suite (issue 8's cells);
+The steps (``--steps`` picks some, in this order): ``perf`` the perf suite (the performance targets' cells);
 ``train-digits`` and ``train-cnf`` the training parity runs, the competitors of a task side by side
 on the one GPU (one process each, so wall times include that sharing; the metrics do not depend on
 it); ``pytest`` pytest-benchmark at MLP width 256 for every competitor and width 2048 for the

@@ -6,7 +6,7 @@ dashboard, train.
                      [--seed S] [--threads N] [--retry-errors]
     rampde-bench env [--device D] [--json]
     rampde-bench claims [RESULTS.csv ...] [--csv OUT.csv]
-    rampde-bench targets [--results CSV ...] [--markdown]      (issue 8's targets, met or not)
+    rampde-bench targets [--results CSV ...] [--markdown]      (the performance targets, met or not)
     rampde-bench report [--results CSV ...] [--asv-results DIR] [--training CSV ...] [--out HTML]
     rampde-bench train --task digits|cnf ...        (rampde.bench.training)
 
@@ -328,7 +328,7 @@ def _print_targets(table, console) -> None:
     def styled(text: str) -> str:
         return f"[{_VERDICT_STYLE[text]}]{text}[/]"
 
-    cells = Table(title="targets per cell (issue 8; 'best variant' rows are reported, the named competitor "
+    cells = Table(title="targets per cell ('best variant' rows are reported, the named competitor "
                         "decides)", title_justify="left")
     for name in ("gpu", "target", "competitor", "role", "cell", "measured", "needs", "verdict", "note"):
         cells.add_column(name, justify="right" if name in ("measured", "needs") else "left",
@@ -385,6 +385,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_dashboard
 
+    width, height = _size(args.screenshot_size)
     results = _results_paths(args.results)
     training = [Path(p) for p in args.training] if args.training else sorted(Path("reports").glob(TRAINING_GLOB))
     if not results:
@@ -396,7 +397,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise UsageError(f"report: {exc}") from None
     print(f"dashboard: {Path(path).resolve()}")
+    if args.screenshot:
+        from .browser import screenshot_dashboard
+
+        try:
+            shot = screenshot_dashboard(Path(path), Path(args.screenshot), width=width, height=height)
+        except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            raise UsageError(f"report --screenshot: {exc}") from None
+        print(f"screenshot: {shot.resolve()}")
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``1400x1600`` -> (1400, 1600); ``UsageError`` naming --screenshot-size otherwise."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 200:
+        raise UsageError(f"--screenshot-size: expected WIDTHxHEIGHT of at least 200x200 pixels, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _train(argv: Sequence[str]) -> int:
@@ -448,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--csv", help="also write the per-cell claims to this CSV file")
     claims.set_defaults(func=cmd_claims)
 
-    targets = sub.add_parser("targets", help="judge issue 8's performance targets from results files")
+    targets = sub.add_parser("targets", help="judge the performance targets from results files")
     targets.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")
     targets.add_argument("--markdown", action="store_true", help="print Markdown tables instead")
     targets.set_defaults(func=cmd_targets)
@@ -458,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--asv-results", help="asv results folder (one sub-folder per GPU model)")
     report.add_argument("--training", nargs="+", help=f"training.csv files (default reports/{TRAINING_GLOB})")
     report.add_argument("--out", default=str(DEFAULT_REPORT), help=f"HTML file (default {DEFAULT_REPORT})")
+    report.add_argument("--screenshot", metavar="PNG", help="also save a PNG of the dashboard's first view "
+                        "(headless Chromium)")
+    report.add_argument("--screenshot-size", default="1400x1600", metavar="WxH",
+                        help="the screenshot's viewport in CSS pixels (default 1400x1600)")
     report.set_defaults(func=cmd_report)
 
     sub.add_parser("train", add_help=False, help="training parity per competitor (see 'rampde-bench train -h')")

@@ -5,7 +5,7 @@
 of them, optionally an asv 0.6 results folder (one sub-folder per machine, named after the GPU
 model) and optional training-curve CSVs, and writes one HTML file with plotly.js inlined once, so
 that the page reads offline. Each GPU model gets its own tab: the paper's claims on top
-(``compute_claims``) and issue 8's targets (``rampde.bench.targets``), then time, memory, the accuracy-speed trade-off, NVML timelines, training
+(``compute_claims``) and the performance targets (``rampde.bench.targets``), then time, memory, the accuracy-speed trade-off, NVML timelines, training
 curves, the asv history and the environment of each run.
 
 Training files are ``rampde-bench train``'s ``training.csv`` (one row per task, competitor, seed
@@ -1188,7 +1188,7 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
             "fp64. Best and worst are over the cells where both ran.</p>"
         )
         if targets is not None:
-            parts.append("<h3>Targets (issue 8)</h3>")
+            parts.append("<h3>Performance targets</h3>")
             parts.append(targets_html(targets))
             parts.append(
                 '<p class="note">Each target is judged on its named competitor (speed: rampde-bf16 '

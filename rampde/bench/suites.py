@@ -1,5 +1,5 @@
 """Named sweeps, sized for the device: ``quick`` (minutes), ``paper`` (the paper's grid, hours) and
-``perf`` (exactly the cells of issue 8's targets, ``rampde.bench.targets``).
+``perf`` (exactly the cells of the performance targets, ``rampde.bench.targets``).
 
 A suite names its competitors, its workloads with their widths and batch sizes, its step counts
 and its repeat settings; ``sizes`` also holds sizes for the workloads it leaves out, used when the
@@ -15,7 +15,7 @@ from .competitors import list_competitors
 SUITE_NAMES = ("quick", "paper", "perf")
 CPU_QUICK_COMPETITORS = ["torchdiffeq-fp32", "autocast-bf16", "rampde-fp32", "rampde-bf16", "checkpoint-step",
                          "reversible"]
-# The competitors issue 8's targets compare (rampde.bench.targets), the fast variants included.
+# The competitors the performance targets compare (rampde.bench.targets), the fast variants included.
 PERF_COMPETITORS = ["torchdiffeq-fp32", "torchdiffeq-tf32", "autocast-fp16", "autocast-bf16", "rampde-fp16",
                     "rampde-bf16", "rampde-fp16-fast", "rampde-bf16-fast"]
 
@@ -82,7 +82,7 @@ def get_suite(name: str, device_type: str) -> Suite:
         if device_type == "cuda":
             return Suite("perf", list(PERF_COMPETITORS), {w: _GPU_PERF[w] for w in ("mlp", "conv")}, [8, 64],
                          repeats=5, warmup=2, sizes=_GPU_PERF,
-                         notes="the cells of issue 8's targets: 'rampde-bench targets' judges them")
+                         notes="the cells of the performance targets: 'rampde-bench targets' judges them")
         return Suite("perf", list(PERF_COMPETITORS), {w: _CPU_PERF[w] for w in ("mlp", "conv")}, [2, 8],
                      repeats=3, warmup=1, notes="CPU-sized: it checks the pipeline; its timings and memory mean "
                      "nothing, and the targets' GPU cells read 'not measured'", sizes=_CPU_PERF)

@@ -1,4 +1,4 @@
-"""Issue 8's performance targets, judged from a results table (one GPU model at a time).
+"""The performance targets, judged from a results table (one GPU model at a time).
 
 Each ``Target`` names a metric, a threshold, the competitors it judges and the cells it needs
 (rk4; MLP batch 2048; conv batch 64 on 32x32 images; steps as ``steps``):
@@ -480,7 +480,7 @@ def format_markdown(table: pd.DataFrame, *, cells: bool = True) -> str:
     """The targets as Markdown (for the README or a pull request): the summary per GPU and target,
     then (``cells``) every row of ``table``."""
     summary = targets_summary(table)
-    lines = ["### Targets (issue 8)", ""]
+    lines = ["### Performance targets", ""]
     lines += _md_table(
         ["GPU", "target", "status", "worst", "competitor", "cell", "needs", "note"],
         [[r["gpu"] or "—", r["target"], r["status"], format_value(r["target"], r["worst"]), r["worst_competitor"],

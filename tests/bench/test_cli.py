@@ -216,3 +216,25 @@ def test_train_is_delegated(monkeypatch):
     assert main(["train", "--task", "cnf", "--size", "tiny", "--epochs", "1"]) == 0
     assert seen[0].task == "cnf" and seen[0].size == "tiny" and seen[0].epochs == 1
     assert main(["train", "--size", "huge"]) == 2, "train's own option errors"
+
+
+@pytest.mark.parametrize("size", ["1400", "10x2000", "axb", "1400x1600x2"])
+def test_report_screenshot_size_is_checked_first(size, capsys):
+    assert main(["report", "--screenshot", "x.png", "--screenshot-size", size]) == 2
+    assert "--screenshot-size: expected WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_report_screenshot_without_chromium_names_the_option(monkeypatch, tmp_path, capsys):
+    from rampde.bench import browser, report
+
+    def fake_build(results, out, asv_results=None, **kwargs):
+        out.write_text("<html></html>")
+        return out
+
+    monkeypatch.setattr(report, "build_dashboard", fake_build)
+    monkeypatch.setattr(browser, "find_chromium", lambda: None)
+    out, png = tmp_path / "i.html", tmp_path / "shot.png"
+    assert main(["report", "--results", str(out), "--out", str(out), "--screenshot", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert "report --screenshot: no Chromium found" in err and "chromium package" in err
+    assert not png.exists()

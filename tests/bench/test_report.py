@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import re
-import sys
+import struct
 from pathlib import Path
 
 import pytest
@@ -410,12 +410,10 @@ def test_cpu_results_say_memory_was_not_measured(tmp_path: Path) -> None:
 
 
 def _browser_helper():
-    """tests/bench/browser.py, loaded by path (whatever pytest's import mode)."""
-    spec = importlib.util.spec_from_file_location("rampde_test_browser", HERE / "browser.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The headless-Chromium driver (rampde.bench.browser)."""
+    from rampde.bench import browser
+
+    return browser
 
 
 def _chromium_or_skip() -> str:
@@ -480,3 +478,27 @@ def test_dashboard_in_headless_chromium(dashboard: Path, tmp_path: Path) -> None
     assert load_s < 20
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000, "the screenshot is suspiciously small"
+
+
+@pytest.mark.browser
+def test_report_command_saves_a_screenshot(sweep: dict, tmp_path: Path, capsys) -> None:
+    """``rampde-bench report --screenshot``: the dashboard drawn without errors, as a PNG."""
+    _chromium_or_skip()
+    from rampde.bench.cli import main
+
+    out, shot = tmp_path / "site" / "index.html", _artifact_dir(tmp_path) / "report-command.png"
+    args = ["report", "--results", *map(str, sweep["results"]), "--out", str(out), "--screenshot", str(shot),
+            "--screenshot-size", "1200x900"]
+    assert main(args) == 0
+    assert f"screenshot: {shot.resolve()}" in capsys.readouterr().out
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", shot.read_bytes()[16:24]) == (1200, 900)  # the PNG header's width, height
+
+
+def test_screenshot_of_a_missing_dashboard(tmp_path: Path) -> None:
+    from rampde.bench.browser import screenshot_dashboard
+
+    with pytest.raises(FileNotFoundError, match="no dashboard at"):
+        screenshot_dashboard(tmp_path / "none.html", tmp_path / "x.png")
+    with pytest.raises(ValueError, match="at least 200x200"):
+        screenshot_dashboard(tmp_path / "none.html", tmp_path / "x.png", width=100)

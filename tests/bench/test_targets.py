@@ -1,4 +1,4 @@
-"""rampde.bench.targets: issue 8's targets judged from small hand-made results tables (met, missed,
+"""rampde.bench.targets: the performance targets judged from small hand-made results tables (met, missed,
 not measured, OOM, nonfinite, only a fast variant meeting one), the peak table, the perf suite,
 the ``rampde-bench targets`` command and the dashboard's targets table."""
 
@@ -321,7 +321,7 @@ def test_efficiency_on_a_gpu_without_a_known_peak():
 
 def test_markdown_lists_every_target():
     text = format_markdown(evaluate_targets(perf_table({("rampde-bf16", "conv", 128, 64): {"time_ms_median": 50.0}})))
-    assert text.startswith("### Targets (issue 8)\n")
+    assert text.startswith("### Performance targets\n")
     for target in TARGET_IDS:
         assert f"| {H100} | {target} |" in text
     assert f"| {H100} | speed-bf16-vs-tf32 | missed | 1.2x | rampde-bf16 | {CONV128} | >= 1.5x |" in text
@@ -366,7 +366,7 @@ def test_targets_command_prints_the_table(tmp_path, capsys):
     assert "met only by rampde-bf16-fast (2x)" in out and "missed" in out
     assert main(["targets", "--results", str(path), "--markdown"]) == 0
     markdown = capsys.readouterr().out
-    assert markdown.startswith("### Targets (issue 8)") and "| speed-bf16-vs-tf32 | missed | 1.2x |" in markdown
+    assert markdown.startswith("### Performance targets") and "| speed-bf16-vs-tf32 | missed | 1.2x |" in markdown
 
 
 def test_targets_command_errors(tmp_path, capsys, monkeypatch):
@@ -385,9 +385,9 @@ def test_dashboard_has_the_targets_table(tmp_path):
     path = tmp_path / "results.csv"
     write_csv_atomic(perf_table({("rampde-bf16", "conv", 128, 64): {"time_ms_median": 50.0}}), path)
     text = report.build_dashboard([path], tmp_path / "d.html").read_text(encoding="utf-8")
-    assert "<h3>Targets (issue 8)</h3>" in text
-    assert text.index("Claims of the paper") < text.index("Targets (issue 8)") < text.index("<h3>Time</h3>")
-    section = text[text.index("Targets (issue 8)"):text.index("<h3>Time</h3>")]
+    assert "<h3>Performance targets</h3>" in text
+    assert text.index("Claims of the paper") < text.index("Performance targets") < text.index("<h3>Time</h3>")
+    section = text[text.index("Performance targets"):text.index("<h3>Time</h3>")]
     for target in TARGET_IDS:
         assert f"<small>{target}</small>" in section
     assert section.count('<td class="held">met') == len(TARGET_IDS) - 1

@@ -4,7 +4,9 @@
 each one JSON object ended by a NUL byte: no websocket, no third-party package. ``load_page``
 (``DevTools.navigate``) opens a file and waits for its load event; ``evaluate`` runs JavaScript in
 the page; ``errors`` lists console errors, uncaught exceptions and error log entries;
-``screenshot`` saves a PNG.
+``screenshot`` saves a PNG. ``screenshot_dashboard`` does all of it for a dashboard
+(``rampde-bench report --screenshot``); the browser test of the dashboard uses the same driver.
+Chromium is not a Python dependency: Debian's ``chromium`` package, or any Chrome on the PATH.
 """
 
 from __future__ import annotations
@@ -230,3 +232,38 @@ def wait_until(browser: DevTools, expression: str, timeout: float = 15.0) -> obj
         time.sleep(0.1)
         value = browser.evaluate(expression)
     return value
+
+
+DASHBOARD_READY = "document.documentElement.dataset.dashboardReady"
+
+
+def screenshot_dashboard(html: Path, png: Path, *, width: int = 1400, height: int = 1600,
+                         timeout: float = 30.0) -> Path:
+    """Open the dashboard ``html`` in headless Chromium, wait until its first tab is drawn and save
+    the viewport (``width`` x ``height`` CSS pixels) as ``png``.
+
+    ``FileNotFoundError`` when there is no Chromium or no ``html``; ``RuntimeError`` when the page
+    does not finish drawing or reports errors (no PNG is written then).
+    """
+    if width < 200 or height < 200:
+        raise ValueError(f"screenshot size must be at least 200x200, got {width}x{height}")
+    html = Path(html)
+    if not html.is_file():
+        raise FileNotFoundError(f"no dashboard at {html}")
+    binary = find_chromium()
+    if binary is None:
+        raise FileNotFoundError("no Chromium found (tried " + ", ".join(CHROMIUM_CANDIDATES) + "); "
+                                "install Debian's chromium package to take screenshots")
+    with DevTools(binary, width=width, height=height) as browser:
+        browser.navigate(html.resolve().as_uri(), timeout)
+        if not wait_until(browser, DASHBOARD_READY, timeout):
+            raise RuntimeError(f"the dashboard {html} was not drawn within {timeout:.0f} s")
+        errors = browser.errors()
+        if errors:
+            raise RuntimeError(f"the dashboard {html} reported errors: {'; '.join(errors[:5])}")
+        png = Path(png)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        tmp = png.with_name(png.name + ".part")
+        browser.screenshot(tmp)
+        os.replace(tmp, png)
+    return png
