@@ -1,0 +1,222 @@
+"""The README's tables of GPU results, generated from the committed data so that they never drift.
+
+    python tools/readme_results.py            # rewrite the generated blocks of README.md
+    python tools/readme_results.py --check    # exit 1 when a block differs from what the data gives
+    python tools/readme_results.py --screenshot docs/dashboard.png   # also the dashboard picture
+
+A block is the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``:
+
+- ``claims``: per GPU model, the paper's claims judged on every committed cell
+  (``rampde.bench.report.compute_claims``), with where and how they were measured;
+- ``targets``: the performance targets per GPU model (``rampde.bench.targets``);
+- ``training``: the training parity table per GPU model (``rampde.bench.training.parity_table``);
+- ``dashboard``: the dashboard screenshot, when ``docs/dashboard.png`` exists.
+
+Only rows measured on a GPU count (``device == "cuda"``): CPU sweeps check the pipeline, their
+timings say nothing about tensor cores. The tests run ``--check`` on the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rampde.bench.report import compute_claims  # noqa: E402
+from rampde.bench.results import empty_results, read_results  # noqa: E402
+from rampde.bench.targets import evaluate_targets, format_markdown  # noqa: E402
+
+BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+SCREENSHOT = Path("docs") / "dashboard.png"
+NO_GPU = "_No GPU results are committed yet: `tools/gpu_campaign.py` measures them._\n"
+VERDICT = {True: "held", False: "not held", None: "no verdict"}
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+def _number(value: float, digits: int = 3) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}g}"
+
+
+def _join(values: Iterable[object]) -> str:
+    found = sorted({str(v) for v in values if isinstance(v, str) and v})
+    return ", ".join(found) or "unknown"
+
+
+def provenance(df: pd.DataFrame) -> str:
+    """Where and how one GPU model's rows were measured."""
+    status = df["status"].value_counts()
+    counts = ", ".join(f"{n} {s}" for s, n in status.items())
+    stamps = sorted(t[:10] for t in df["timestamp"].dropna().astype(str) if t)
+    dates = stamps[0] if stamps and stamps[0] == stamps[-1] else f"{stamps[0]} to {stamps[-1]}" if stamps else "?"
+    commits = _join(c[:7] for c in df["commit"].astype(str) if c and c != "nan")
+    return (f"**{df['gpu'].iloc[0]}**: {len(df)} cells ({counts}), measured {dates}; driver "
+            f"{_join(df['driver'].astype(str))}, CUDA {_join(df['cuda'].astype(str))}, torch "
+            f"{_join(df['torch'].astype(str))}, commit {commits}; TF32 off except `torchdiffeq-tf32`; time is the "
+            f"median of {_join(df['repeats'].astype('Int64').astype(str))} CUDA-event-timed forward+backward runs.")
+
+
+def _claim_value(claim: str, value: float, against: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if claim == "accuracy":
+        return f"{100 * value:.3g}% (naive {100 * against:.3g}%)"
+    return f"{value:.3g}x"
+
+
+def claims_block(df: pd.DataFrame) -> str:
+    """Per GPU model: its provenance and the claims table."""
+    if df.empty:
+        return NO_GPU
+    parts = []
+    for gpu, rows in df.groupby("gpu", sort=True):
+        claims = compute_claims(rows)
+        table = [[r["competitor"], r["claim_text"], r["against"],
+                  VERDICT.get(r["held"], "no verdict") if r["claim"] != "speedup_tf32" else "reported",
+                  f"{_claim_value(r['claim'], r['best'], r['best_against'])} ({r['best_cell'] or '—'})",
+                  f"{_claim_value(r['claim'], r['worst'], r['worst_against'])} ({r['worst_cell'] or '—'})",
+                  f"{r['n_meeting']} / {r['n_cells']}"]
+                 for r in claims.to_dict("records")]
+        parts.append("\n".join([provenance(rows), "",
+                                *_md_table(["competitor", "claim", "against", "verdict", "best (cell)", "worst (cell)",
+                                            "cells meeting"], table)]))
+    return "\n\n".join(parts) + "\n"
+
+
+def targets_block(df: pd.DataFrame) -> str:
+    """The performance targets per GPU model, without the per-cell rows (the dashboard has them)."""
+    if df.empty:
+        return NO_GPU
+    text = format_markdown(evaluate_targets(df), cells=False)
+    return text.split("\n", 2)[2]  # without its own heading
+
+
+def training_block(df: pd.DataFrame) -> str:
+    """The parity table per GPU model and task."""
+    if df.empty:
+        return NO_GPU
+    from rampde.bench.training import parity_table
+
+    parts = []
+    for gpu, rows in df.groupby("gpu", sort=True):
+        table = parity_table(rows)
+        lines = [f"**{gpu}** (torch {_join(rows['torch'].astype(str))}, commit "
+                 f"{_join(c[:7] for c in rows['commit'].astype(str) if c and c != 'nan')}):", ""]
+        lines += _md_table(
+            ["task", "competitor", "epochs", "final", "vs fp32", "wall s", "skipped steps"],
+            [[r["task"], r["competitor"], r["epochs"],
+              f"{r['final_metric']:.4f} ({'accuracy' if r['metric_name'] == 'accuracy' else 'NLL'})",
+              "—" if math.isnan(r["delta_vs_fp32"]) else f"{r['delta_vs_fp32']:+.4f}", _number(r["wall_s"]),
+              int(r["skipped_steps"])] for r in table.to_dict("records")])
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def dashboard_block(root: Path) -> str:
+    if not (root / SCREENSHOT).exists():
+        return "_The dashboard's picture comes with the first committed GPU results._\n"
+    return (f"![The dashboard built from the committed GPU results]({SCREENSHOT.as_posix()})\n\n"
+            "`rampde-bench report --screenshot docs/dashboard.png` rebuilds the dashboard and this picture.\n")
+
+
+def gpu_results(root: Path) -> pd.DataFrame:
+    """Every committed sweep row measured on a GPU."""
+    paths = sorted((root / "reports").glob("**/results.csv"))
+    frames = [read_results(p) for p in paths]
+    df = pd.concat(frames, ignore_index=True) if frames else empty_results()
+    return df[df["device"] == "cuda"].reset_index(drop=True)
+
+
+def gpu_training(root: Path) -> pd.DataFrame:
+    """Every committed training row measured on a GPU."""
+    paths = sorted((root / "reports").glob("**/training.csv"))
+    frames = [pd.read_csv(p) for p in paths]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["device"])
+    return df[df["device"] == "cuda"].reset_index(drop=True)
+
+
+def blocks(root: Path) -> dict[str, Callable[[], str]]:
+    """Each block's text, computed when asked for."""
+    return {"claims": lambda: claims_block(gpu_results(root)),
+            "targets": lambda: targets_block(gpu_results(root)),
+            "training": lambda: training_block(gpu_training(root)),
+            "dashboard": lambda: dashboard_block(root)}
+
+
+def render(text: str, root: Path) -> str:
+    """``text`` with every known block filled in; ``ValueError`` naming an unknown block."""
+    makers = blocks(root)
+    unknown = sorted({m["name"] for m in BLOCK.finditer(text)} - set(makers))
+    if unknown:
+        raise ValueError(f"unknown README block(s) {', '.join(unknown)}; known: {', '.join(makers)}")
+    cache: dict[str, str] = {}
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in cache:
+            cache[name] = makers[name]()
+        return f"{match.group(1)}{cache[name]}{match.group(4)}"
+
+    return BLOCK.sub(fill, text)
+
+
+def stale_blocks(readme: Path, root: Path) -> list[str]:
+    """The names of the blocks whose text differs from what the data gives."""
+    text = readme.read_text(encoding="utf-8")
+    fresh = render(text, root)
+    old = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+    new = {m["name"]: m["body"] for m in BLOCK.finditer(fresh)}
+    return [name for name in old if old[name] != new[name]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the file with the blocks")
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 when a block is stale")
+    parser.add_argument("--screenshot", type=Path, metavar="PNG",
+                        help="first build the dashboard from reports/ and save its picture here")
+    args = parser.parse_args(argv)
+    root = args.readme.resolve().parent
+    if not args.readme.is_file():
+        print(f"readme_results: no file {args.readme}", file=sys.stderr)
+        return 2
+    if args.check:
+        stale = stale_blocks(args.readme, root)
+        if stale:
+            print(f"readme_results: stale block(s) in {args.readme}: {', '.join(stale)}; run "
+                  "python tools/readme_results.py", file=sys.stderr)
+            return 1
+        print(f"{args.readme}: every generated block matches the committed data")
+        return 0
+    if args.screenshot:
+        import os
+
+        from rampde.bench.cli import main as bench
+
+        shot = args.screenshot.resolve()
+        os.chdir(root)  # the report reads reports/**/results.csv and training.csv from here
+        code = bench(["report", "--out", "reports/index.html", "--screenshot", str(shot)])
+        if code:
+            return code
+    text = args.readme.read_text(encoding="utf-8")
+    args.readme.write_text(render(text, root), encoding="utf-8")
+    print(f"{args.readme}: blocks {', '.join(m['name'] for m in BLOCK.finditer(text))} written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
