@@ -397,6 +397,28 @@ def test_steps_index_no_coefficient_tensors(storage):
     assert (selects[16] - selects[8]) / 8 <= 8, selects
 
 
+@pytest.mark.parametrize("storage", ["states", "activations"])
+def test_stages_with_equal_weights_share_one_cotangent(storage, monkeypatch):
+    """rk4's b = 1/6, 1/3, 1/3, 1/6: each step's vjp gets two scaled cotangents (a multiply and a
+    cast each), shared by the stages of equal weight, not four; the gradients stay exact."""
+    seen = []
+    grad = torch.autograd.grad
+
+    def recording(outputs, inputs, grad_outputs=None, **kwargs):
+        if isinstance(grad_outputs, (list, tuple)) and len(grad_outputs) == 4:
+            seen.append([id(g) for g in grad_outputs])
+        return grad(outputs, inputs, grad_outputs, **kwargs)
+
+    field, y0 = _case("mlp")
+    t = torch.linspace(0, 1, 5)
+    reference = _solve(field, y0, t, torch.bfloat16, storage=storage)
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    shared = _solve(field, y0, t, torch.bfloat16, storage=storage)
+    assert len(seen) == 4  # one vjp per step
+    assert all(ids[0] == ids[3] and ids[1] == ids[2] and ids[0] != ids[1] for ids in seen), seen
+    _assert_same(shared, reference)
+
+
 def test_host_coefficients_are_the_device_values():
     from rampde.stepper import _StepCoefficients
     from rampde.tableaus import get_tableau
