@@ -34,6 +34,7 @@ log = logging.getLogger("rampde.bench")
 DEFAULT_REPORT = Path("reports/index.html")
 RESULTS_GLOB = "**/results.csv"  # under reports/: a folder per GPU model, and quick/cpu/
 TRAINING_GLOB = "**/training.csv"
+DEFAULT_ASV = Path("reports") / "asv" / "results"  # asv.conf.json's results_dir
 
 
 class UsageError(Exception):
@@ -391,9 +392,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not results:
         log.warning("no results file given and none at reports/%s: the dashboard will say so", RESULTS_GLOB)
     extra = {"training": training} if training else {}
+    asv_results = Path(args.asv_results) if args.asv_results else (DEFAULT_ASV if DEFAULT_ASV.is_dir() else None)
     try:
-        path = build_dashboard(results, Path(args.out),
-                               asv_results=Path(args.asv_results) if args.asv_results else None, **extra)
+        path = build_dashboard(results, Path(args.out), asv_results=asv_results, **extra)
     except FileNotFoundError as exc:
         raise UsageError(f"report: {exc}") from None
     print(f"dashboard: {Path(path).resolve()}")
@@ -472,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="build the HTML dashboard")
     report.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")
-    report.add_argument("--asv-results", help="asv results folder (one sub-folder per GPU model)")
+    report.add_argument("--asv-results", help=f"asv results folder, one sub-folder per GPU model (default "
+                        f"{DEFAULT_ASV} when it exists)")
     report.add_argument("--training", nargs="+", help=f"training.csv files (default reports/{TRAINING_GLOB})")
     report.add_argument("--out", default=str(DEFAULT_REPORT), help=f"HTML file (default {DEFAULT_REPORT})")
     report.add_argument("--screenshot", metavar="PNG", help="also save a PNG of the dashboard's first view "

@@ -201,6 +201,9 @@ def test_report_defaults_and_options(tmp_path, monkeypatch, capsys):
     assert "dashboard:" in capsys.readouterr().out
     assert main(["report", "--results", "a.csv", "b.csv", "--asv-results", "asv", "--out", "x.html"]) == 0
     assert calls[-1][:3] == ([Path("a.csv"), Path("b.csv")], Path("x.html"), Path("asv"))
+    (tmp_path / "reports" / "asv" / "results").mkdir(parents=True)  # asv.conf.json's results_dir
+    assert main(["report"]) == 0
+    assert calls[-1][2] == Path("reports/asv/results")
 
 
 def test_report_missing_results_file(tmp_path, capsys):
