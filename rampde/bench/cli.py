@@ -370,7 +370,11 @@ def cmd_targets(args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    env = measure.environment(_device(args.device))
+    device = _device(args.device)
+    if args.slug:  # the results folder and asv machine name of this GPU model
+        print(measure.gpu_slug(measure.gpu_name(device)))
+        return 0
+    env = measure.environment(device)
     if args.json:
         print(json.dumps(env, indent=2))
         return 0
@@ -459,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print the environment results are recorded with")
     env.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    env.add_argument("--slug", action="store_true",
+                     help="print only the GPU model's name as results folder and asv machine (nvidia-h100-80gb-hbm3)")
     env.set_defaults(func=cmd_env)
 
     claims = sub.add_parser("claims", help="print the claims computed from results files")

@@ -23,5 +23,11 @@ def test_asv_config_names_results_by_machine_and_spawns():
     import json
 
     conf = json.loads((ROOT / "asv.conf.json").read_text())
-    assert conf["launch_method"] == "spawn" and conf["environment_type"] == "existing"
+    assert conf["launch_method"] == "spawn" and conf["environment_type"] == "virtualenv"
+    # a virtualenv per machine: torch for the machine (CUDA build with a GPU), then the commit's
+    # wheel with the bench extra, reinstalled for each commit without touching its dependencies
+    assert "tools/install_torch.py" in conf["install_command"][0]
+    assert conf["install_command"][1].endswith("{wheel_file}[bench]")
+    assert "--force-reinstall --no-deps {wheel_file}" in conf["install_command"][2]
+    assert "--no-deps" in conf["build_command"][0]  # one wheel in the build cache, not its dependencies
     assert conf["results_dir"] == "reports/asv/results"

@@ -28,6 +28,8 @@ def test_env_prints_the_environment(capsys):
     assert main(["env", "--device", "cpu", "--json"]) == 0
     env = json.loads(capsys.readouterr().out)
     assert env["gpu"] == "cpu" and env["torch"] == torch.__version__
+    assert main(["env", "--device", "cpu", "--slug"]) == 0
+    assert capsys.readouterr().out == "cpu\n"
 
 
 def test_module_entry_point_runs_env():
