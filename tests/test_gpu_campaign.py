@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 import pytest
 from _pytest.mark.expression import Expression
 
@@ -249,3 +250,40 @@ def test_asv_environment_is_named_after_a_fixed_wrapper_of_this_python():
     done = subprocess.run([str(wrapper), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == sys.prefix  # the same interpreter, its environment included
+
+
+def test_every_gpu_command_parses_with_its_tools_own_parser():
+    """The one GPU call cannot afford a typo: each command of the cuda plan goes through the
+    parser (and the grid planning) of the program it runs, without running it."""
+    import argparse
+
+    from rampde.bench import cli, profiling, training
+
+    ctx = campaign.Context(PY, "cuda", "nvidia-h200")
+    seen = set()
+    for step in campaign.STEPS:
+        for cmd in step.commands(ctx):
+            assert cmd[0] == PY
+            args = cmd[1:]
+            if args[:2] == ["-m", "rampde.bench"] and args[2] == "train":
+                parsed = training.add_train_arguments(argparse.ArgumentParser()).parse_args(args[3:])
+                assert parsed.device == "cuda" and parsed.size == "full"
+                seen.add("train")
+            elif args[:2] == ["-m", "rampde.bench"]:
+                parsed = cli.build_parser().parse_args(args[2:])
+                suite, cells, repeats, warmup = cli._plan(parsed, torch.device("cuda"))
+                assert cells and (repeats, warmup) == (suite.repeats, suite.warmup)  # resumable cell ids
+                seen.add(f"run-{suite.name}")
+            elif args[:2] == ["-m", "rampde.bench.profiling"]:
+                parsed = profiling.build_parser().parse_args(args[2:])
+                assert profiling._cells(parsed, torch.device("cuda"), profiling.DEFAULT_WORKLOADS)
+                seen.add(parsed.command)
+            elif args[:2] == ["-m", "pytest"]:
+                assert "--benchmark-only" in args and any(a.startswith("--benchmark-json=reports/") for a in args)
+                seen.add("pytest")
+            else:
+                assert args[0] == "tools/asv_history.py"
+                parsed = asv_history.build_parser().parse_args(args[1:])
+                assert parsed.count == 3 and len(parsed.bench) == 2 and parsed.quick
+                seen.add("asv")
+    assert seen == {"train", "run-perf", "run-quick", "ablate", "profile", "pytest", "asv"}

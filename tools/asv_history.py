@@ -62,12 +62,17 @@ def stable_python() -> Path:
     return wrapper
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("commits", nargs="*", help="commits to record (default: the last --count of main)")
     parser.add_argument("--count", type=int, default=3, help="how many commits of main when none are given")
     parser.add_argument("--bench", action="append", help="asv --bench regular expression (repeatable)")
     parser.add_argument("--quick", action="store_true", help="asv --quick: one run per benchmark")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be at least 1, got {args.count}")
