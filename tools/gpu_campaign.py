@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # rampde.bench.results' atomic writers, imported where used (they bring torch)
 STAGE_NAME = ".campaign"
 # asv and what it needs that a CUDA PyTorch image lacks; IMAGE_PACKAGES are those such an image
 # holds, UNUSED what asv asks for but an existing environment never imports (its virtualenv plugin)
@@ -64,43 +65,19 @@ ASV_CELL = {"cuda": (1024, 64), "cpu": (16, 4)}
 CNF_EPOCHS = 10  # a fixed number of iterations: 10 x 64 Adam steps
 
 
-@dataclass(frozen=True)
 class Stage:
     """The files a campaign carries to the GPU box and makes there, under ``<root>/.campaign``."""
 
-    root: Path
-
-    @property
-    def dir(self) -> Path:
-        return self.root / STAGE_NAME
-
-    @property
-    def wheels(self) -> Path:
-        return self.dir / "wheels"
-
-    @property
-    def site(self) -> Path:
-        return self.dir / "site"
-
-    @property
-    def bundle(self) -> Path:
-        return self.dir / "repo.bundle"
-
-    @property
-    def commit_file(self) -> Path:
-        return self.dir / "commit"
-
-    @property
-    def logs(self) -> Path:
-        return self.dir / "logs"
-
-    @property
-    def training(self) -> Path:
-        return self.dir / "training"
-
-    @property
-    def summary(self) -> Path:
-        return self.dir / "campaign.json"
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / STAGE_NAME
+        self.wheels = self.dir / "wheels"
+        self.site = self.dir / "site"
+        self.bundle = self.dir / "repo.bundle"
+        self.commit_file = self.dir / "commit"
+        self.logs = self.dir / "logs"
+        self.training = self.dir / "training"
+        self.summary = self.dir / "campaign.json"
 
 
 @dataclass(frozen=True)
@@ -203,6 +180,8 @@ def merge_training(ctx: Context) -> str:
     (with the rows already there; a run's new rows replace its old ones)."""
     import pandas as pd
 
+    from rampde.bench.results import write_csv_atomic
+
     parts = sorted(Stage(ctx.root).training.glob("*/training.csv"))
     if not parts:
         return "no training results to merge"
@@ -211,10 +190,7 @@ def merge_training(ctx: Context) -> str:
     merged = (pd.concat(frames, ignore_index=True)
               .drop_duplicates(["task", "competitor", "seed", "epoch"], keep="last")
               .sort_values(["task", "competitor", "seed", "epoch"]))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    merged.to_csv(tmp, index=False)
-    os.replace(tmp, target)
+    write_csv_atomic(merged, target)
     return f"{len(merged)} training rows in {target.relative_to(ctx.root)}"
 
 
@@ -312,34 +288,39 @@ def run_commands(commands: list[list[str]], limit_s: float, *, cwd: Path, env: d
 
 def snapshot(root: Path) -> dict[str, tuple[float, int]]:
     """(mtime, size) of every file under ``root/reports``."""
-    reports = root / "reports"
-    if not reports.exists():
-        return {}
-    return {str(p.relative_to(root)): (p.stat().st_mtime, p.stat().st_size) for p in reports.rglob("*") if p.is_file()}
+    stamps = {}
+    for path in (root / "reports").rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            stamps[str(path.relative_to(root))] = (stat.st_mtime, stat.st_size)
+    return stamps
 
 
 def changed_files(root: Path, before: dict[str, tuple[float, int]]) -> list[str]:
     """Files under ``reports/`` made or changed since ``before``, without training checkpoints or
-    partial files."""
+    the temporary files of writes in flight (``.part``, ``atomic_write``'s ``.tmp``)."""
     now = snapshot(root)
-    return sorted(path for path, stamp in now.items()
-                  if before.get(path) != stamp and "/checkpoints/" not in path and not path.endswith(".part"))
+    return sorted(path for path, stamp in now.items() if before.get(path) != stamp
+                  and "/checkpoints/" not in path and not path.endswith((".part", ".tmp")))
 
 
 def pack(root: Path, files: Sequence[str], extra: Sequence[Path], target: Path) -> int:
     """Write ``files`` (relative to ``root``) and ``extra`` (files, or folders taken whole) into
-    the gzipped tar ``target``, atomically (a ``.part`` file renamed). Returns how many files."""
+    the gzipped tar ``target``, atomically (``atomic_write``). Returns how many files."""
+    from rampde.bench.results import atomic_write
+
     names = list(files)
     for path in extra:
         found = sorted(path.rglob("*")) if path.is_dir() else [path]
         names += [str(p.relative_to(root)) for p in found if p.is_file()]
     names = [n for n in dict.fromkeys(names) if (root / n).is_file()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for name in names:
-            tar.add(root / name, arcname=name)
-    os.replace(tmp, target)
+
+    def write(handle) -> None:
+        with tarfile.open(fileobj=handle, mode="w:gz") as tar:
+            for name in names:
+                tar.add(root / name, arcname=name)
+
+    atomic_write(target, write, binary=True)
     return len(names)
 
 
@@ -415,17 +396,18 @@ def resolve_target(python: str, device: str, env: dict[str, str], root: Path) ->
 def run_campaign(steps: Sequence[Step], ctx: Context, *, budget_s: float, pack_to: Path | None,
                  env: dict[str, str], clock: Callable[[], float] = time.monotonic) -> list[StepRecord]:
     """Run ``steps`` within ``budget_s`` seconds, packing after each; returns what each did."""
+    from rampde.bench.results import atomic_write
+
     stage = Stage(ctx.root)
     start = clock()
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     before = snapshot(ctx.root)
     records: list[StepRecord] = []
 
     def save() -> None:
         summary = {"gpu": ctx.gpu, "device": ctx.device, "budget_s": budget_s, "commit": env.get("RAMPDE_COMMIT", ""),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   "steps": [asdict(r) for r in records]}
-        stage.summary.parent.mkdir(parents=True, exist_ok=True)
-        stage.summary.write_text(json.dumps(summary, indent=2) + "\n")
+                   "started": started, "steps": [asdict(r) for r in records]}
+        atomic_write(stage.summary, lambda handle: handle.write(json.dumps(summary, indent=2) + "\n"))
         if ctx.on_gpu:
             (ctx.root / ctx.reports).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(stage.summary, ctx.root / ctx.reports / "campaign.json")
