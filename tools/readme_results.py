@@ -19,6 +19,7 @@ timings say nothing about tensor cores. The tests run ``--check`` on the reposit
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import re
 import sys
@@ -32,20 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from rampde.bench.report import compute_claims  # noqa: E402
 from rampde.bench.results import empty_results, read_results  # noqa: E402
-from rampde.bench.targets import evaluate_targets, format_markdown  # noqa: E402
+from rampde.bench.targets import evaluate_targets, format_markdown, markdown_table  # noqa: E402
 
 BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 SCREENSHOT = Path("docs") / "dashboard.png"
 NO_GPU = "_No GPU results are committed yet: `tools/gpu_campaign.py` measures them._\n"
 VERDICT = {True: "held", False: "not held", None: "no verdict"}
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
-    def cell(value: object) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -57,17 +50,20 @@ def _join(values: Iterable[object]) -> str:
     return ", ".join(found) or "unknown"
 
 
+def _commits(df: pd.DataFrame) -> str:
+    return _join(c[:7] for c in df["commit"].astype(str) if c and c != "nan")
+
+
 def provenance(df: pd.DataFrame) -> str:
     """Where and how one GPU model's rows were measured."""
     status = df["status"].value_counts()
     counts = ", ".join(f"{n} {s}" for s, n in status.items())
     stamps = sorted(t[:10] for t in df["timestamp"].dropna().astype(str) if t)
     dates = stamps[0] if stamps and stamps[0] == stamps[-1] else f"{stamps[0]} to {stamps[-1]}" if stamps else "?"
-    commits = _join(c[:7] for c in df["commit"].astype(str) if c and c != "nan")
     return (f"**{df['gpu'].iloc[0]}**: {len(df)} cells ({counts}), measured {dates}; driver "
             f"{_join(df['driver'].astype(str))}, CUDA {_join(df['cuda'].astype(str))}, torch "
-            f"{_join(df['torch'].astype(str))}, commit {commits}; TF32 off except `torchdiffeq-tf32`; time is the "
-            f"median of {_join(df['repeats'].astype('Int64').astype(str))} CUDA-event-timed forward+backward runs.")
+            f"{_join(df['torch'].astype(str))}, commit {_commits(df)}; TF32 off except `torchdiffeq-tf32`; "
+            f"time is the median of {_join(df['repeats'].astype('Int64').astype(str))} CUDA-event-timed forward+backward runs.")
 
 
 def _claim_value(claim: str, value: float, against: float) -> str:
@@ -78,23 +74,27 @@ def _claim_value(claim: str, value: float, against: float) -> str:
     return f"{value:.3g}x"
 
 
-def claims_block(df: pd.DataFrame) -> str:
-    """Per GPU model: its provenance and the claims table."""
+def _per_gpu(df: pd.DataFrame, section: Callable[[str, pd.DataFrame], list[str]]) -> str:
+    """``section(gpu, rows)``'s lines for each GPU model, or the no-results line."""
     if df.empty:
         return NO_GPU
-    parts = []
-    for gpu, rows in df.groupby("gpu", sort=True):
-        claims = compute_claims(rows)
-        table = [[r["competitor"], r["claim_text"], r["against"],
-                  VERDICT.get(r["held"], "no verdict") if r["claim"] != "speedup_tf32" else "reported",
-                  f"{_claim_value(r['claim'], r['best'], r['best_against'])} ({r['best_cell'] or '—'})",
-                  f"{_claim_value(r['claim'], r['worst'], r['worst_against'])} ({r['worst_cell'] or '—'})",
-                  f"{r['n_meeting']} / {r['n_cells']}"]
-                 for r in claims.to_dict("records")]
-        parts.append("\n".join([provenance(rows), "",
-                                *_md_table(["competitor", "claim", "against", "verdict", "best (cell)", "worst (cell)",
-                                            "cells meeting"], table)]))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join("\n".join(section(gpu, rows)) for gpu, rows in df.groupby("gpu", sort=True)) + "\n"
+
+
+def _claims_section(gpu: str, rows: pd.DataFrame) -> list[str]:
+    table = [[r["competitor"], r["claim_text"], r["against"],
+              VERDICT.get(r["held"], "no verdict") if r["claim"] != "speedup_tf32" else "reported",
+              f"{_claim_value(r['claim'], r['best'], r['best_against'])} ({r['best_cell'] or '—'})",
+              f"{_claim_value(r['claim'], r['worst'], r['worst_against'])} ({r['worst_cell'] or '—'})",
+              f"{r['n_meeting']} / {r['n_cells']}"]
+             for r in compute_claims(rows).to_dict("records")]
+    header = ["competitor", "claim", "against", "verdict", "best (cell)", "worst (cell)", "cells meeting"]
+    return [provenance(rows), "", *markdown_table(header, table)]
+
+
+def claims_block(df: pd.DataFrame) -> str:
+    """Per GPU model: its provenance and the claims table."""
+    return _per_gpu(df, _claims_section)
 
 
 def targets_block(df: pd.DataFrame) -> str:
@@ -105,25 +105,21 @@ def targets_block(df: pd.DataFrame) -> str:
     return text.split("\n", 2)[2]  # without its own heading
 
 
-def training_block(df: pd.DataFrame) -> str:
-    """The parity table per GPU model and task."""
-    if df.empty:
-        return NO_GPU
+def _training_section(gpu: str, rows: pd.DataFrame) -> list[str]:
     from rampde.bench.training import parity_table
 
-    parts = []
-    for gpu, rows in df.groupby("gpu", sort=True):
-        table = parity_table(rows)
-        lines = [f"**{gpu}** (torch {_join(rows['torch'].astype(str))}, commit "
-                 f"{_join(c[:7] for c in rows['commit'].astype(str) if c and c != 'nan')}):", ""]
-        lines += _md_table(
-            ["task", "competitor", "epochs", "final", "vs fp32", "wall s", "skipped steps"],
-            [[r["task"], r["competitor"], r["epochs"],
+    table = [[r["task"], r["competitor"], r["epochs"],
               f"{r['final_metric']:.4f} ({'accuracy' if r['metric_name'] == 'accuracy' else 'NLL'})",
               "—" if math.isnan(r["delta_vs_fp32"]) else f"{r['delta_vs_fp32']:+.4f}", _number(r["wall_s"]),
-              int(r["skipped_steps"])] for r in table.to_dict("records")])
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+              int(r["skipped_steps"])] for r in parity_table(rows).to_dict("records")]
+    header = ["task", "competitor", "epochs", "final", "vs fp32", "wall s", "skipped steps"]
+    return [f"**{gpu}** (torch {_join(rows['torch'].astype(str))}, commit {_commits(rows)}):", "",
+            *markdown_table(header, table)]
+
+
+def training_block(df: pd.DataFrame) -> str:
+    """The parity table per GPU model and task."""
+    return _per_gpu(df, _training_section)
 
 
 def dashboard_block(root: Path) -> str:
@@ -150,9 +146,10 @@ def gpu_training(root: Path) -> pd.DataFrame:
 
 
 def blocks(root: Path) -> dict[str, Callable[[], str]]:
-    """Each block's text, computed when asked for."""
-    return {"claims": lambda: claims_block(gpu_results(root)),
-            "targets": lambda: targets_block(gpu_results(root)),
+    """Each block's text, computed when asked for (the results files read once)."""
+    results = functools.cache(lambda: gpu_results(root))
+    return {"claims": lambda: claims_block(results()),
+            "targets": lambda: targets_block(results()),
             "training": lambda: training_block(gpu_training(root)),
             "dashboard": lambda: dashboard_block(root)}
 

@@ -469,7 +469,8 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """A Markdown table's lines, each cell's ``|`` escaped and newlines flattened."""
     header = list(header)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
@@ -481,13 +482,13 @@ def format_markdown(table: pd.DataFrame, *, cells: bool = True) -> str:
     then (``cells``) every row of ``table``."""
     summary = targets_summary(table)
     lines = ["### Performance targets", ""]
-    lines += _md_table(
+    lines += markdown_table(
         ["GPU", "target", "status", "worst", "competitor", "cell", "needs", "note"],
         [[r["gpu"] or "—", r["target"], r["status"], format_value(r["target"], r["worst"]), r["worst_competitor"],
           r["worst_cell"], needs(r), r["note"]] for r in summary.to_dict("records")])
     if cells:
         lines += ["", "#### Per cell", ""]
-        lines += _md_table(
+        lines += markdown_table(
             ["GPU", "target", "competitor", "role", "cell", "measured", "needs", "verdict", "note"],
             [[r["gpu"] or "—", r["target"], r["competitor"], r["role"], r["cell"],
               format_value(r["target"], r["measured"]), needs(r), verdict(r["met"]), r["note"]]
