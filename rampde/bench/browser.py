@@ -235,6 +235,7 @@ def wait_until(browser: DevTools, expression: str, timeout: float = 15.0) -> obj
 
 
 DASHBOARD_READY = "document.documentElement.dataset.dashboardReady"
+MIN_SCREENSHOT_PX = 200  # each side of a screenshot's viewport, at least
 
 
 def screenshot_dashboard(html: Path, png: Path, *, width: int = 1400, height: int = 1600,
@@ -245,8 +246,9 @@ def screenshot_dashboard(html: Path, png: Path, *, width: int = 1400, height: in
     ``FileNotFoundError`` when there is no Chromium or no ``html``; ``RuntimeError`` when the page
     does not finish drawing or reports errors (no PNG is written then).
     """
-    if width < 200 or height < 200:
-        raise ValueError(f"screenshot size must be at least 200x200, got {width}x{height}")
+    if min(width, height) < MIN_SCREENSHOT_PX:
+        raise ValueError(f"screenshot size must be at least {MIN_SCREENSHOT_PX}x{MIN_SCREENSHOT_PX}, "
+                         f"got {width}x{height}")
     html = Path(html)
     if not html.is_file():
         raise FileNotFoundError(f"no dashboard at {html}")

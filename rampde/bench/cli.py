@@ -414,10 +414,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _size(text: str) -> tuple[int, int]:
-    """``1400x1600`` -> (1400, 1600); ``UsageError`` naming --screenshot-size otherwise."""
+    """``1400x1600`` -> (1400, 1600); ``UsageError`` naming --screenshot-size otherwise (checked
+    before the dashboard is built)."""
+    from .browser import MIN_SCREENSHOT_PX as low
+
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < 200:
-        raise UsageError(f"--screenshot-size: expected WIDTHxHEIGHT of at least 200x200 pixels, got {text!r}")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or min(int(p) for p in parts) < low:
+        raise UsageError(f"--screenshot-size: expected WIDTHxHEIGHT of at least {low}x{low} pixels, got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
