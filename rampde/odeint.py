@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
-_OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights", "fuse")
+_OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights", "fuse", "cuda_graph")
 _STORAGE = ("states", "activations")
 _CAST_WEIGHTS = ("once", "per-use")
 # Layers whose weights autocast runs in 16-bit: their fp32 parameters are cast once per solve.
@@ -62,7 +62,13 @@ def odeint(
             ``"per-use"`` (autocast casts them at every use: for a field that runs such a layer
             outside autocast, or uses its weight where 16-bit would not do); ``fuse``: ``True``
             forms each no-grad stage input and update in one fused kernel (``torch.compile``;
-            the first solve compiles) instead of a chain of ``addcmul``; default ``False``.
+            the first solve compiles) instead of a chain of ``addcmul``; default ``False``;
+            ``cuda_graph``: ``True`` runs each step on fixed buffers and, on a CUDA device,
+            captures the first step forward and backward as a CUDA graph and replays it for the
+            others (one launch per step instead of one per kernel: for small, launch-bound
+            fields); with ``storage="states"`` and without ``fuse`` only; off CUDA the same
+            steps run eagerly; the time gradient, when asked for, is taken without graphs;
+            default ``False``.
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
             ``nn.Module``, and must be given (``()`` for none) for any other callable.
         loss_scaler: a ``DynamicScaler`` for the fp16 adjoint, kept across calls; a fresh one per
@@ -79,7 +85,7 @@ def odeint(
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     tableau = get_tableau(method)
-    step_size, state_dtype_opt, storage, cast_weights, fuse = _check_options(options)
+    step_size, state_dtype_opt, storage, cast_weights, fuse, cuda_graph = _check_options(options)
     y0_flat, shapes = _flatten_state(y0)
     device_type = y0_flat.device.type
     acc_dtype = torch.promote_types(y0_flat.dtype, torch.float32)
@@ -111,6 +117,7 @@ def odeint(
         and any(x.requires_grad for x in (grid, y0_flat, *diff_params)),
         cast=cast,
         fuse=fuse,
+        cuda_graph=cuda_graph,
         grid_host=grid_host,
     )
     log.debug(
@@ -125,10 +132,11 @@ def odeint(
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str, str, bool]:
-    """``step_size``, ``state_dtype`` (resolved later), ``storage``, ``cast_weights``, ``fuse``."""
+def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str, str, bool, bool]:
+    """``step_size``, ``state_dtype`` (resolved later), ``storage``, ``cast_weights``, ``fuse``,
+    ``cuda_graph``."""
     if options is None:
-        return None, None, "states", "once", False
+        return None, None, "states", "once", False, False
     if not isinstance(options, dict):
         raise TypeError(f"options must be a dict with keys among {_OPTION_KEYS}, got {type(options).__name__}")
     unknown = sorted(set(options) - set(_OPTION_KEYS))
@@ -161,7 +169,15 @@ def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, s
     fuse = options.get("fuse", False)
     if not isinstance(fuse, bool):
         raise TypeError(f"options['fuse'] must be True or False, got {fuse!r}")
-    return step_size, options.get("state_dtype"), storage, cast_weights, fuse
+    cuda_graph = options.get("cuda_graph", False)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"options['cuda_graph'] must be True or False, got {cuda_graph!r}")
+    if cuda_graph and (storage != "states" or fuse):
+        raise ValueError(
+            "options['cuda_graph'] applies to storage='states' without 'fuse': the kept activations "
+            "of every step and the compiled kernels cannot be replayed from one captured step"
+        )
+    return step_size, options.get("state_dtype"), storage, cast_weights, fuse, cuda_graph
 
 
 def _flatten_state(y0: State) -> tuple[torch.Tensor, tuple[torch.Size, ...] | None]:

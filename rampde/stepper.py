@@ -29,6 +29,7 @@ import torch
 
 from . import fused
 from .scaling import DynamicScaler
+from .step_graphs import StepReplay
 from .tableaus import ButcherTableau
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class SolveSpec:
     keep_activations: bool = False  # "activations" storage: keep each step's 16-bit graph
     cast: WeightCast | None = None  # parameters cast to 16-bit once per solve
     fuse: bool = False  # stage combinations and updates as fused kernels (``fused``)
+    cuda_graph: bool = False  # each step on fixed buffers, replayed as a CUDA graph (``step_graphs``)
     grid_host: torch.Tensor | None = None  # the grid on the CPU (the solve's one host read of times)
 
     def autocast(self) -> torch.autocast:
@@ -250,19 +252,24 @@ class _StepGraph:
         return [self.y, *direct, *aliases] + ([self.t0, self.h] if self.t0 is not None else [])
 
 
-def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, state: torch.Tensor,
-                i: int, need_t: bool, copies: list[torch.Tensor] | None,
-                slots: _ParamSlots) -> _StepGraph:
-    """Evaluates step ``i``'s stages from ``state`` with grad enabled (call under ``enable_grad``)."""
+def _step_leaves(spec: SolveSpec, state: torch.Tensor, copies: list[torch.Tensor] | None,
+                 slots: _ParamSlots) -> tuple[torch.Tensor, list[list[torch.Tensor]], list[Weights | None]]:
+    """A step's leaves: its starting state, each stage's aliases of the 16-bit copies, and the
+    weights each stage's field evaluation runs with."""
     # ``.data``, not ``.detach()``: an alias with its own version counter, so that the forward's
     # in-place writes of later states into the trajectory do not invalidate this step's kept graph.
     y = state.to(spec.acc_dtype).data.requires_grad_(True)
     stages = range(spec.tableau.stages)
-    if spec.cast is not None and copies is not None:
-        stage_weights = [spec.cast.aliases(copies, slots.cast_grad) for _ in stages]
-        weights: list[Weights | None] = list(stage_weights)
-    else:
-        stage_weights, weights = [], [None for _ in stages]
+    if spec.cast is None or copies is None:
+        return y, [], [None for _ in stages]
+    stage_weights = [spec.cast.aliases(copies, slots.cast_grad) for _ in stages]
+    return y, stage_weights, list(stage_weights)
+
+
+def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, state: torch.Tensor,
+                i: int, need_t: bool, copies: list[torch.Tensor] | None, slots: _ParamSlots) -> _StepGraph:
+    """Evaluates step ``i``'s stages from ``state`` with grad enabled (call under ``enable_grad``)."""
+    y, stage_weights, weights = _step_leaves(spec, state, copies, slots)
     if need_t:  # the coefficients are differentiated too: the addcmul chain
         t0 = grid[i].detach().requires_grad_(True)
         h = coef.h[i].detach().requires_grad_(True)
@@ -272,12 +279,66 @@ def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, st
     return _StepGraph(y, None, None, _stages(spec, y, coef.stage_ts[i], coef.ha_host[i], weights), stage_weights)
 
 
-def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor], hb: Sequence[float],
-            weighted: list[int]) -> None:
-    """``out = y + sum_j hb_j k_j`` in the state's dtype, written in place."""
-    torch.add(y, ks[weighted[0]], alpha=hb[weighted[0]], out=out)
+def _build_replayed_step(spec: SolveSpec, state: torch.Tensor, numbers: "_StepNumbers",
+                         copies: list[torch.Tensor] | None, slots: _ParamSlots) -> _StepGraph:
+    """``_build_step`` with the step's times and coefficients read from the fixed ``numbers``."""
+    y, stage_weights, weights = _step_leaves(spec, state, copies, slots)
+    return _StepGraph(y, None, None, _stages(spec, y, numbers.stage_t, numbers.ha, weights), stage_weights)
+
+
+def _update(out: torch.Tensor, y: torch.Tensor, ks: list[torch.Tensor],
+            hb: Sequence[float] | Sequence[torch.Tensor], weighted: list[int]) -> None:
+    """``out = y + sum_j hb_j k_j`` in the state's dtype, written in place; ``hb`` host numbers
+    or 0-d device tensors."""
+    first = weighted[0]
+    if isinstance(hb[first], float):
+        torch.add(y, ks[first], alpha=hb[first], out=out)
+        for j in weighted[1:]:
+            out.add_(ks[j], alpha=hb[j])
+        return
+    torch.addcmul(y, ks[first], hb[first], out=out)
     for j in weighted[1:]:
-        out.add_(ks[j], alpha=hb[j])
+        out.addcmul_(ks[j], hb[j])
+
+
+class _StepNumbers:
+    """A step's numbers as device values in one fixed vector, for steps replayed by ``StepReplay``:
+    its stage times, ``|h|``, ``h a_jl`` and ``h b_j``. ``load(i)`` copies step ``i``'s in (one
+    copy); the attributes are 0-d views of the vector, which the step's kernels read."""
+
+    def __init__(self, tableau: ButcherTableau, grid: torch.Tensor) -> None:
+        s = tableau.stages
+        per_step = _StepCoefficients.tensors(tableau, grid)
+        h = per_step["h"]
+        self.table = torch.cat([per_step["stage_t"], h.abs()[:, None], per_step["ha"].reshape(-1, s * s),
+                                per_step["hb"]], dim=1).detach()
+        self.values = torch.empty_like(self.table[0])
+        views = self.values.unbind(0)
+        self.stage_t = list(views[:s])
+        self.h_abs = views[s]
+        self.ha = [list(views[s + 1 + j * s : s + 1 + (j + 1) * s]) for j in range(s)]
+        self.hb = list(views[s + 1 + s * s :])
+
+    def load(self, i: int) -> None:
+        self.values.copy_(self.table[i])
+
+
+def _replayed_forward(spec: SolveSpec, grid: torch.Tensor, traj: torch.Tensor,
+                      weights: Sequence[Weights | None], weighted: list[int]) -> None:
+    """Fills ``traj[1:]`` from ``traj[0]``, each step a body on fixed buffers (``StepReplay``):
+    the step's numbers are copied in, the new state copied out."""
+    state = traj[0].clone()  # y0's layout
+    numbers = _StepNumbers(spec.tableau, grid)
+
+    def body() -> None:
+        ks = _stages(spec, state, numbers.stage_t, numbers.ha, weights)
+        _update(state, state, ks, numbers.hb, weighted)
+
+    replay = StepReplay(traj.device)
+    for i in range(traj.shape[0] - 1):
+        numbers.load(i)
+        replay.run(body)
+        traj[i + 1].copy_(state)
 
 
 def _unscaled(v: torch.Tensor, acc: torch.dtype, inv_scale: torch.Tensor | None) -> torch.Tensor:
@@ -313,20 +374,23 @@ class DiscreteAdjointSolve(torch.autograd.Function):
         slots = _ParamSlots(spec, list(params))
         graphs: list[_StepGraph] = []
         with spec.autocast():
-            for i in range(grid.shape[0] - 1):
-                if spec.keep_activations:
-                    with torch.enable_grad():
-                        graph = _build_step(spec, coef, grid, traj[i], i, ctx.needs_input_grad[1], copies, slots)
-                    graphs.append(graph)
-                    ks = [k.detach() for k in graph.ks]
-                elif spec.fuse:
-                    ks = _fused_stages(spec, traj[i], coef, i, shared)
-                else:
-                    ks = _stages(spec, traj[i], coef.stage_ts[i], coef.ha_host[i], shared)
-                if spec.fuse:
-                    fused.combine_into(traj[i + 1], traj[i], [ks[j] for j in weighted], coef.update_coef_rows[i])
-                else:
-                    _update(traj[i + 1], traj[i], ks, coef.hb_host[i], weighted)
+            if spec.cuda_graph:
+                _replayed_forward(spec, grid, traj, shared, weighted)
+            else:
+                for i in range(grid.shape[0] - 1):
+                    if spec.keep_activations:
+                        with torch.enable_grad():
+                            graph = _build_step(spec, coef, grid, traj[i], i, ctx.needs_input_grad[1], copies, slots)
+                        graphs.append(graph)
+                        ks = [k.detach() for k in graph.ks]
+                    elif spec.fuse:
+                        ks = _fused_stages(spec, traj[i], coef, i, shared)
+                    else:
+                        ks = _stages(spec, traj[i], coef.stage_ts[i], coef.ha_host[i], shared)
+                    if spec.fuse:
+                        fused.combine_into(traj[i + 1], traj[i], [ks[j] for j in weighted], coef.update_coef_rows[i])
+                    else:
+                        _update(traj[i + 1], traj[i], ks, coef.hb_host[i], weighted)
         keep_traj = spec.keep_activations or spec.state_dtype == spec.acc_dtype
         stored = traj if keep_traj else traj.to(spec.state_dtype)
         ctx.spec, ctx.coef, ctx.graphs, ctx.copies = spec, coef, graphs, copies
@@ -413,50 +477,34 @@ def _adjoint_sweep(
 
     Each step's graph comes from ``graphs`` (kept by the forward) or is rebuilt from its stored
     state. Kept graphs are retained through the vjp when a scaler may ask for another attempt.
+    With ``spec.cuda_graph`` each rebuilt step is a body on fixed buffers (``StepReplay``),
+    unless the time gradient is asked for.
     """
     acc = spec.acc_dtype
-    tableau = spec.tableau
-    weighted = _weighted(tableau)
+    weighted = _weighted(spec.tableau)
     h_abs = coef.h.abs()
     retain = bool(graphs) and spec.scaler is not None
     slots = _ParamSlots(spec, diff_params)
-    n_direct, n_cast = len(slots.direct), len(slots.cast)
 
     adjoint = grad_traj[-1].to(acc, copy=True)
     g_params = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, acc)) for p in diff_params]
     g_grid = torch.zeros_like(grid) if need_t else None
+    accumulators = _Accumulators(adjoint, g_params, slots)
 
     with spec.autocast(), torch.enable_grad():
+        if spec.cuda_graph and not graphs and not need_t:
+            _replayed_sweep(spec, grid, stored, grad_traj, diff_params, copies, accumulators)
+            return _SweepResult(y0=adjoint, params=g_params, grid=None)
         for i in range(grid.shape[0] - 2, -1, -1):
             step = graphs[i] if graphs else _build_step(spec, coef, grid, stored[i], i, need_t, copies, slots)
-            hb = coef.hb_host[i]
-            if spec.scaler is not None:
-                scale, inv_scale = spec.scaler.step_scale(adjoint, h_abs[i])
-                cotangent = adjoint * scale
-            else:
-                inv_scale = None
-                cotangent = adjoint
-            # Stages with equal weights share one cotangent (rk4: b = 1/6, 1/3, 1/3, 1/6): two
-            # multiplies and casts per step instead of four, the same values.
-            outputs, cotangents, scaled = [], [], {}
-            for j in weighted:
-                k = step.ks[j]
-                if k.requires_grad:
-                    key = (hb[j], k.dtype)
-                    if key not in scaled:
-                        scaled[key] = (cotangent * hb[j]).to(k.dtype)
-                    outputs.append(k)
-                    cotangents.append(scaled[key])
-            inputs = step.inputs(diff_params, slots)
-            if outputs:
-                vjps = torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, retain_graph=retain)
-            else:
-                vjps = (None,) * len(inputs)
+            vjps, inv_scale = _step_vjps(spec, step, coef.hb_host[i], adjoint, h_abs[i], diff_params, slots,
+                                         retain)
             if need_t:
                 # y_next = y + h sum_j b_j k_j also depends on h directly.
                 flat_adj = adjoint.reshape(-1)
                 dh_direct = sum(
-                    tableau.b[j] * torch.dot(flat_adj, step.ks[j].detach().reshape(-1).to(acc)) for j in weighted
+                    spec.tableau.b[j] * torch.dot(flat_adj, step.ks[j].detach().reshape(-1).to(acc))
+                    for j in weighted
                 )
                 dt0, dh = (None if v is None else _unscaled(v, acc, inv_scale) for v in vjps[-2:])
                 dh = dh_direct if dh is None else dh + dh_direct
@@ -464,16 +512,80 @@ def _adjoint_sweep(
                     g_grid[i] += dt0
                 g_grid[i] -= dh
                 g_grid[i + 1] += dh
-
-            # One multi-tensor update per group of distinct targets: the adjoint and the direct
-            # parameters, then each stage's aliases of the cast ones (each added on its own in fp32).
-            groups = [[(adjoint, vjps[0]), *((g_params[n], v) for n, v in zip(slots.direct, vjps[1:]))]]
-            first_alias = 1 + n_direct
-            for j in range(len(step.stage_weights)):
-                stage_vjps = vjps[first_alias + j * n_cast : first_alias + (j + 1) * n_cast]
-                groups.append([(g_params[n], v) for n, v in zip(slots.cast, stage_vjps)])
-            for group in groups:
-                _accumulate([(g, v) for g, v in group if v is not None], inv_scale)
+            accumulators.add(step, vjps, inv_scale)
             adjoint.add_(grad_traj[i])
 
     return _SweepResult(y0=adjoint, params=g_params, grid=g_grid)
+
+
+def _step_vjps(spec: SolveSpec, step: _StepGraph, hb: Sequence[float] | Sequence[torch.Tensor], adjoint: torch.Tensor,
+               h_abs: torch.Tensor, diff_params: list[torch.Tensor], slots: _ParamSlots,
+               retain: bool) -> tuple[Sequence[torch.Tensor | None], torch.Tensor | None]:
+    """The vjps of one step's stages with the adjoint, in the order of ``step.inputs``, and the
+    inverse of the scale they carry (None when unscaled)."""
+    if spec.scaler is not None:
+        scale, inv_scale = spec.scaler.step_scale(adjoint, h_abs)
+        cotangent = adjoint * scale
+    else:
+        inv_scale = None
+        cotangent = adjoint
+    # Stages with equal weights share one cotangent (rk4: b = 1/6, 1/3, 1/3, 1/6): two
+    # multiplies and casts per step instead of four, the same values.
+    outputs, cotangents, scaled = [], [], {}
+    for j in _weighted(spec.tableau):
+        k = step.ks[j]
+        if k.requires_grad:
+            key = (spec.tableau.b[j], k.dtype)
+            if key not in scaled:
+                scaled[key] = (cotangent * hb[j]).to(k.dtype)
+            outputs.append(k)
+            cotangents.append(scaled[key])
+    inputs = step.inputs(diff_params, slots)
+    if not outputs:
+        return (None,) * len(inputs), inv_scale
+    return torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True, retain_graph=retain), inv_scale
+
+
+@dataclass(frozen=True)
+class _Accumulators:
+    """The fp32 adjoint and parameter gradients that each step's vjps are added to."""
+
+    adjoint: torch.Tensor
+    g_params: list[torch.Tensor]
+    slots: _ParamSlots
+
+    def add(self, step: _StepGraph, vjps: Sequence[torch.Tensor | None], inv_scale: torch.Tensor | None) -> None:
+        """One multi-tensor update per group of distinct targets: the adjoint and the direct
+        parameters, then each stage's aliases of the cast ones (each added on its own in fp32)."""
+        slots, g_params = self.slots, self.g_params
+        n_direct, n_cast = len(slots.direct), len(slots.cast)
+        groups = [[(self.adjoint, vjps[0]), *((g_params[n], v) for n, v in zip(slots.direct, vjps[1:]))]]
+        first_alias = 1 + n_direct
+        for j in range(len(step.stage_weights)):
+            stage_vjps = vjps[first_alias + j * n_cast : first_alias + (j + 1) * n_cast]
+            groups.append([(g_params[n], v) for n, v in zip(slots.cast, stage_vjps)])
+        for group in groups:
+            _accumulate([(g, v) for g, v in group if v is not None], inv_scale)
+
+
+def _replayed_sweep(spec: SolveSpec, grid: torch.Tensor, stored: torch.Tensor, grad_traj: torch.Tensor,
+                    diff_params: list[torch.Tensor], copies: list[torch.Tensor] | None,
+                    accumulators: _Accumulators) -> None:
+    """The steps of ``_adjoint_sweep`` (no time gradient), each a body on fixed buffers
+    (``StepReplay``): the stored state and the step's numbers are copied in; the vjps go into the
+    accumulators, which stay in place for the whole sweep."""
+    state = torch.empty_like(stored[0], dtype=spec.acc_dtype)
+    numbers = _StepNumbers(spec.tableau, grid)
+
+    def body() -> None:
+        step = _build_replayed_step(spec, state, numbers, copies, accumulators.slots)
+        vjps, inv_scale = _step_vjps(spec, step, numbers.hb, accumulators.adjoint, numbers.h_abs, diff_params,
+                                     accumulators.slots, retain=False)
+        accumulators.add(step, vjps, inv_scale)
+
+    replay = StepReplay(grid.device)
+    for i in range(grid.shape[0] - 2, -1, -1):
+        numbers.load(i)
+        state.copy_(stored[i])
+        replay.run(body)
+        accumulators.adjoint.add_(grad_traj[i])

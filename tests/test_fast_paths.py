@@ -17,87 +17,51 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rampde
-from helpers import MLPField, flat, rel_err
+from helpers import assert_same, case, flat, rel_err, solve_grads
 
 LOW = [torch.bfloat16, torch.float16]
-
-
-class ConvField(torch.nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.c1 = torch.nn.Conv2d(channels, channels, 3, padding=1)
-        self.c2 = torch.nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.c2(torch.tanh(self.c1(y)))
-
-
-def _case(kind: str):
-    torch.manual_seed(0)
-    if kind == "mlp":
-        return MLPField(16), torch.randn(8, 16)
-    return ConvField(4), torch.randn(2, 4, 6, 6)
-
-
-def _solve(field, y0, t, dtype, **options):
-    """Solution, y0 gradient, parameter gradients (and t's when t requires grad) of mean(y(T)^2)."""
-    y0 = y0.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-        sol = rampde.odeint(field, y0, t, method="rk4", options=options)
-    loss = sol[-1].to(torch.promote_types(sol.dtype, torch.float32)).pow(2).mean()
-    params = [p for p in field.parameters() if p.requires_grad]
-    inputs = [y0, *params] + ([t] if t.requires_grad else [])
-    grads = torch.autograd.grad(loss, inputs)
-    return {"sol": sol.detach(), "y0": grads[0], "params": flat(grads[1 : 1 + len(params)]),
-            "t": grads[-1] if t.requires_grad else None}
-
-
-def _assert_same(a, b):
-    for key in ("sol", "y0", "params", "t"):
-        if a[key] is not None:
-            assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("dtype", LOW)
 def test_cast_once_is_bitwise_the_per_use_cast(kind, dtype):
-    field, y0 = _case(kind)
+    field, y0 = case(kind)
     t = torch.linspace(0, 1, 6)
-    once = _solve(field, y0, t, dtype)
-    per_use = _solve(field, y0, t, dtype, cast_weights="per-use")
-    _assert_same(once, per_use)
+    once = solve_grads(field, y0, t, dtype)
+    per_use = solve_grads(field, y0, t, dtype, cast_weights="per-use")
+    assert_same(once, per_use)
     assert once["params"].abs().sum() > 0 and once["y0"].abs().sum() > 0
 
 
 def test_cast_once_time_gradient_is_bitwise_the_per_use_cast():
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     t = torch.linspace(0, 1, 5).requires_grad_()
-    once = _solve(field, y0, t, torch.bfloat16)
-    per_use = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+    once = solve_grads(field, y0, t, torch.bfloat16)
+    per_use = solve_grads(field, y0, t, torch.bfloat16, cast_weights="per-use")
     assert once["t"].abs().sum() > 0
-    _assert_same(once, per_use)
+    assert_same(once, per_use)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("dtype", LOW)
 def test_activations_storage_gives_the_default_storage_gradients(kind, dtype):
-    field, y0 = _case(kind)
+    field, y0 = case(kind)
     t = torch.linspace(0, 1, 6)
-    fast = _solve(field, y0, t, dtype, storage="activations")
-    lean = _solve(field, y0, t, dtype)
-    _assert_same(fast, lean)
+    fast = solve_grads(field, y0, t, dtype, storage="activations")
+    lean = solve_grads(field, y0, t, dtype)
+    assert_same(fast, lean)
     # Autocast's weight cache (the per-use path) sums a step's stage gradients in 16-bit first.
-    cached = _solve(field, y0, t, dtype, storage="activations", cast_weights="per-use")
+    cached = solve_grads(field, y0, t, dtype, storage="activations", cast_weights="per-use")
     assert not torch.equal(cached["params"], lean["params"])
 
 
 @pytest.mark.parametrize("storage", ["states", "activations"])
 def test_cast_once_accuracy_against_fp64(storage):
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     t = torch.linspace(0, 1, 9)
-    ref = _solve(copy.deepcopy(field).double(), y0.double(), t.double(), None)
-    once = _solve(field, y0, t, torch.bfloat16, storage=storage)
-    per_use = _solve(field, y0, t, torch.bfloat16, storage=storage, cast_weights="per-use")
+    ref = solve_grads(copy.deepcopy(field).double(), y0.double(), t.double(), None)
+    once = solve_grads(field, y0, t, torch.bfloat16, storage=storage)
+    per_use = solve_grads(field, y0, t, torch.bfloat16, storage=storage, cast_weights="per-use")
     err_once = rel_err(once["params"], ref["params"])
     assert err_once < 1e-2
     assert err_once <= rel_err(per_use["params"], ref["params"]) * (1 + 1e-6)
@@ -122,14 +86,14 @@ class _WeightCasts(TorchDispatchMode):
 
 @pytest.mark.parametrize("storage", ["states", "activations"])
 def test_cast_once_casts_each_weight_once_per_solve(storage):
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     steps = 4
     t = torch.linspace(0, 1, steps + 1)
     shapes = [field.l1.weight.shape, field.l2.weight.shape]
     counts = {}
     for mode in ("once", "per-use"):
         with _WeightCasts(shapes) as casts:
-            _solve(field, y0, t, torch.bfloat16, storage=storage, cast_weights=mode)
+            solve_grads(field, y0, t, torch.bfloat16, storage=storage, cast_weights=mode)
         counts[mode] = casts.count
     assert counts["once"] == len(shapes)
     if storage == "states":  # recomputing, autocast casts each weight at every stage
@@ -139,13 +103,13 @@ def test_cast_once_casts_each_weight_once_per_solve(storage):
 
 
 def test_frozen_and_excluded_parameters():
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     t = torch.linspace(0, 1, 5)
     field.l1.weight.requires_grad_(False)
     try:
-        once = _solve(field, y0, t, torch.bfloat16)
-        per_use = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
-        _assert_same(once, per_use)
+        once = solve_grads(field, y0, t, torch.bfloat16)
+        per_use = solve_grads(field, y0, t, torch.bfloat16, cast_weights="per-use")
+        assert_same(once, per_use)
     finally:
         field.l1.weight.requires_grad_(True)
     # A Module with an explicit params= subset: only those get gradients; the others are still cast.
@@ -178,9 +142,9 @@ def test_weights_used_several_times_per_evaluation():
     torch.manual_seed(1)
     field, y0 = _Tied(8), torch.randn(4, 8)
     t = torch.linspace(0, 1, 5)
-    ref = _solve(copy.deepcopy(field).double(), y0.double(), t.double(), None)
-    once = _solve(field, y0, t, torch.bfloat16)
-    per_use = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+    ref = solve_grads(copy.deepcopy(field).double(), y0.double(), t.double(), None)
+    once = solve_grads(field, y0, t, torch.bfloat16)
+    per_use = solve_grads(field, y0, t, torch.bfloat16, cast_weights="per-use")
     assert torch.equal(once["sol"], per_use["sol"])
     assert rel_err(once["params"], per_use["params"]) < 1e-2
     assert rel_err(once["params"], ref["params"]) < 2e-2
@@ -188,9 +152,9 @@ def test_weights_used_several_times_per_evaluation():
 
 
 def test_parameters_are_the_same_objects_after_the_solve():
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     before = {name: (p, p.detach().clone()) for name, p in field.named_parameters()}
-    _solve(field, y0, torch.linspace(0, 1, 4), torch.bfloat16, storage="activations")
+    solve_grads(field, y0, torch.linspace(0, 1, 4), torch.bfloat16, storage="activations")
     for name, p in field.named_parameters():
         assert p is before[name][0], name
         assert torch.equal(p, before[name][1]), name
@@ -214,9 +178,9 @@ def test_field_that_needs_fp32_weights_gets_a_clear_error_and_a_way_out():
     weight = field.lin.weight
     t = torch.linspace(0, 1, 3)
     with pytest.raises(RuntimeError, match="cast_weights"):
-        _solve(field, y0, t, torch.bfloat16)
+        solve_grads(field, y0, t, torch.bfloat16)
     assert field.lin.weight is weight  # put back although the field raised
-    out = _solve(field, y0, t, torch.bfloat16, cast_weights="per-use")
+    out = solve_grads(field, y0, t, torch.bfloat16, cast_weights="per-use")
     assert torch.isfinite(out["params"]).all()
 
 
@@ -246,32 +210,32 @@ def test_tuple_state_with_cast_weights():
 
 
 def test_cast_weights_option_is_checked():
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     with pytest.raises(ValueError, match=r"options\['cast_weights'\]"):
         rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"cast_weights": "never"})
 
 
 @pytest.mark.parametrize("storage", ["states", "activations"])
 def test_channels_last_state_keeps_its_layout_and_values(storage):
-    field, y0 = _case("conv")
+    field, y0 = case("conv")
     t = torch.linspace(0, 1, 5)
     y_cl = y0.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sol = rampde.odeint(field, y_cl, t, options={"storage": storage})
     assert all(sol[i].is_contiguous(memory_format=torch.channels_last) for i in range(sol.shape[0]))
-    plain = _solve(field, y0, t, torch.bfloat16, storage=storage)
-    cl = _solve(field.to(memory_format=torch.channels_last), y_cl, t, torch.bfloat16, storage=storage)
+    plain = solve_grads(field, y0, t, torch.bfloat16, storage=storage)
+    cl = solve_grads(field.to(memory_format=torch.channels_last), y_cl, t, torch.bfloat16, storage=storage)
     assert rel_err(cl["sol"], plain["sol"]) < 1e-2
     assert rel_err(cl["params"], plain["params"]) < 2e-2
     assert cl["y0"].shape == y0.shape
 
 
 def test_channels_last_fp64_matches_contiguous_exactly_enough():
-    field, y0 = _case("conv")
+    field, y0 = case("conv")
     field = field.double()
     t = torch.linspace(0, 1, 4, dtype=torch.float64)
-    plain = _solve(field, y0.double(), t, None)
-    cl = _solve(field, y0.double().contiguous(memory_format=torch.channels_last), t, None)
+    plain = solve_grads(field, y0.double(), t, None)
+    cl = solve_grads(field, y0.double().contiguous(memory_format=torch.channels_last), t, None)
     assert rel_err(cl["sol"], plain["sol"]) < 1e-12
     assert rel_err(cl["params"], plain["params"]) < 1e-12
 
@@ -282,7 +246,7 @@ def test_channels_last_fp64_matches_contiguous_exactly_enough():
 @pytest.mark.parametrize("method", ["euler", "heun3", "rk4", "rk4_classic"])
 def test_fused_combinations_match_the_addcmul_chain_in_fp64(method):
     """Backwards in time (negative steps); rk4_classic has zeros in its tableau rows."""
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     field, y0 = field.double(), y0.double()
     t = torch.linspace(1, 0, 6, dtype=torch.float64)
     fused = rampde.odeint(field, y0, t, method=method, options={"fuse": True})
@@ -293,11 +257,11 @@ def test_fused_combinations_match_the_addcmul_chain_in_fp64(method):
 
 @pytest.mark.parametrize("storage", ["states", "activations"])
 def test_fused_combinations_match_the_addcmul_chain_in_bf16(storage):
-    field, y0 = _case("conv")
+    field, y0 = case("conv")
     t = torch.linspace(0, 1, 5)
     y_cl = y0.contiguous(memory_format=torch.channels_last)
-    fused = _solve(field, y_cl, t, torch.bfloat16, storage=storage, fuse=True)
-    chain = _solve(field, y_cl, t, torch.bfloat16, storage=storage)
+    fused = solve_grads(field, y_cl, t, torch.bfloat16, storage=storage, fuse=True)
+    chain = solve_grads(field, y_cl, t, torch.bfloat16, storage=storage)
     assert rel_err(fused["sol"], chain["sol"]) < 1e-6
     assert rel_err(fused["params"], chain["params"]) < 1e-5
     assert rel_err(fused["y0"], chain["y0"]) < 1e-5
@@ -306,10 +270,10 @@ def test_fused_combinations_match_the_addcmul_chain_in_bf16(storage):
 def test_fused_gradients_against_fp64_and_torchdiffeq():
     import torchdiffeq
 
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     field64 = copy.deepcopy(field).double()
     t = torch.linspace(0, 1, 5, dtype=torch.float64)
-    ours = _solve(field64, y0.double(), t, None, fuse=True, step_size=0.15)
+    ours = solve_grads(field64, y0.double(), t, None, fuse=True, step_size=0.15)
     y = y0.double().clone().requires_grad_()
     sol = torchdiffeq.odeint(field64, y, t, method="rk4", options={"step_size": 0.15})
     grads = torch.autograd.grad(sol[-1].pow(2).mean(), [y, *field64.parameters()])
@@ -319,7 +283,7 @@ def test_fused_gradients_against_fp64_and_torchdiffeq():
 
 
 def test_fuse_option_is_checked():
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     with pytest.raises(TypeError, match=r"options\['fuse'\]"):
         rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"fuse": "yes"})
 
@@ -336,7 +300,7 @@ def test_fuse_without_a_working_compiler_names_the_option(monkeypatch):
     monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_ran", set())
     monkeypatch.setattr(torch, "compile", broken)
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     with pytest.raises(RuntimeError, match=r"options\['fuse'\] needs torch.compile.*no working C\+\+ compiler"):
         rampde.odeint(field, y0, torch.linspace(0, 1, 3), options={"fuse": True})
 
@@ -359,10 +323,10 @@ def test_fused_combination_in_a_graph_passes_gradcheck():
 
 
 def test_fused_with_a_time_gradient_matches_the_chain():
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     t = torch.linspace(0, 1, 5).requires_grad_()
-    fused = _solve(field, y0, t, torch.bfloat16, fuse=True)
-    chain = _solve(field, y0, t, torch.bfloat16)
+    fused = solve_grads(field, y0, t, torch.bfloat16, fuse=True)
+    chain = solve_grads(field, y0, t, torch.bfloat16)
     assert fused["t"].abs().sum() > 0
     for key in ("sol", "y0", "params", "t"):
         assert rel_err(fused[key], chain[key]) < 1e-5, key
@@ -388,11 +352,11 @@ class _Ops(TorchDispatchMode):
 def test_steps_index_no_coefficient_tensors(storage):
     """Each coefficient reaches its kernel as a number: per extra step, only a handful of views
     (the state, its cotangent), not one per stage coefficient (about 50 per rk4 step before)."""
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     selects = {}
     for steps in (8, 16):
         with _Ops() as ops:
-            _solve(field, y0, torch.linspace(0, 1, steps + 1), torch.bfloat16, storage=storage)
+            solve_grads(field, y0, torch.linspace(0, 1, steps + 1), torch.bfloat16, storage=storage)
         selects[steps] = ops.counts.get("aten.select", 0)
     assert (selects[16] - selects[8]) / 8 <= 8, selects
 
@@ -409,14 +373,14 @@ def test_stages_with_equal_weights_share_one_cotangent(storage, monkeypatch):
             seen.append([id(g) for g in grad_outputs])
         return grad(outputs, inputs, grad_outputs, **kwargs)
 
-    field, y0 = _case("mlp")
+    field, y0 = case("mlp")
     t = torch.linspace(0, 1, 5)
-    reference = _solve(field, y0, t, torch.bfloat16, storage=storage)
+    reference = solve_grads(field, y0, t, torch.bfloat16, storage=storage)
     monkeypatch.setattr(torch.autograd, "grad", recording)
-    shared = _solve(field, y0, t, torch.bfloat16, storage=storage)
+    shared = solve_grads(field, y0, t, torch.bfloat16, storage=storage)
     assert len(seen) == 4  # one vjp per step
     assert all(ids[0] == ids[3] and ids[1] == ids[2] and ids[0] != ids[1] for ids in seen), seen
-    _assert_same(shared, reference)
+    assert_same(shared, reference)
 
 
 def test_host_coefficients_are_the_device_values():

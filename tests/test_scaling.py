@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rampde
-from helpers import flat, rel_err
+from helpers import StiffLinear, flat, rel_err
 
 
 def test_step_scale_is_a_power_of_two_aimed_at_the_target():
@@ -55,20 +55,6 @@ def test_bad_scaler_arguments(kwargs, name):
         rampde.DynamicScaler(**kwargs)
 
 
-class _Stiff(torch.nn.Module):
-    """A linear field with large weights: its fp16 vjp overflows at a high scale, not at a low one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = torch.nn.Linear(16, 16, bias=False)
-        with torch.no_grad():
-            self.lin.weight.copy_(torch.randn(16, 16) * 64)
-
-    def forward(self, t, y):
-        return self.lin(y)
-
-
 def _solve_grads(field, y0, t, autocast_dtype, **kwargs):
     y0 = y0.clone().requires_grad_()
     ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
@@ -78,22 +64,23 @@ def _solve_grads(field, y0, t, autocast_dtype, **kwargs):
     return torch.autograd.grad(loss, [y0, *field.parameters()])
 
 
-@pytest.mark.parametrize("storage", ["states", "activations"])
-def test_overflow_is_detected_and_redone_with_a_lower_scale(storage):
-    field = _Stiff()
+@pytest.mark.parametrize("options", [{"storage": "states"}, {"storage": "activations"}, {"cuda_graph": True}],
+                         ids=["states", "activations", "cuda_graph"])
+def test_overflow_is_detected_and_redone_with_a_lower_scale(options):
+    field = StiffLinear()
     y0 = torch.randn(8, 16) * 0.01
     t = torch.linspace(0, 0.004, 3)
     ref = _solve_grads(copy.deepcopy(field).double(), y0.double(), t.double(), None)
 
     scaler = rampde.DynamicScaler(target_log2=14)
-    grads = _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler, options={"storage": storage})
+    grads = _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler, options=options)
     assert scaler.retries >= 1, "the first backward at 2**14 must overflow in fp16"
     assert all(torch.isfinite(g).all() for g in grads)
     assert rel_err(flat(grads), flat(ref)) < 1e-2
 
     # The scaler keeps its lower target: the next solve needs no retry.
     retries = scaler.retries
-    _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler, options={"storage": storage})
+    _solve_grads(field, y0, t, torch.float16, loss_scaler=scaler, options=options)
     assert scaler.retries == retries and scaler.solves == 2
 
 
@@ -131,7 +118,7 @@ def test_non_finite_forward_is_reported_as_such():
 
 def test_non_finite_incoming_gradient_is_passed_on_and_logged(caplog):
     """An upstream GradScaler must see the inf/NaN and skip its step: no retry, no error."""
-    field = _Stiff()
+    field = StiffLinear()
     y0 = torch.randn(2, 16, requires_grad=True) * 0.01
     with torch.autocast("cpu", dtype=torch.float16):
         sol = rampde.odeint(field, y0, torch.linspace(0, 0.004, 3), loss_scaler=rampde.DynamicScaler())

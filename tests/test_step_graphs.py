@@ -1,0 +1,196 @@
+"""``options['cuda_graph']``: each step on fixed buffers, replayed as a CUDA graph.
+
+On the CPU the steps run eagerly on the same buffers: they must give bitwise the numbers of the
+plain steps. A stand-in for the graph (``_RerunBody``) replays the body captured on the first
+step for every later one, as a real graph does, so that a body that reads anything but its fixed
+buffers (a host number of the captured step, a tensor of one step) gives wrong numbers and fails;
+the retries are checked the same way. On a CUDA machine the real capture is checked too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rampde
+from helpers import StiffLinear, assert_same, case, rel_err, solve_grads
+from rampde import step_graphs
+
+DTYPES = [None, torch.bfloat16, torch.float16]
+
+
+class _RerunBody(step_graphs.StepReplay):
+    """``StepReplay`` as on CUDA, with a stand-in graph that calls the first step's body again."""
+
+    made: list["_RerunBody"] = []
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.capture = True
+        self.replays = 0
+        _RerunBody.made.append(self)
+
+    def _warm_and_capture(self, body):
+        body()
+
+        def replay():
+            self.replays += 1
+            body()
+
+        return replay
+
+
+@pytest.fixture
+def rerun(monkeypatch):
+    _RerunBody.made = []
+    monkeypatch.setattr(rampde.stepper, "StepReplay", _RerunBody)
+    return _RerunBody.made
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fixed_buffer_steps_are_bitwise_the_plain_steps(kind, dtype):
+    field, y0 = case(kind)
+    t = torch.linspace(0, 1, 7)
+    plain = solve_grads(field, y0, t, dtype)
+    replayed = solve_grads(field, y0, t, dtype, cuda_graph=True)
+    assert replayed["params"].abs().sum() > 0
+    assert_same(plain, replayed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", ["uniform", "step_size", "uneven"])
+def test_one_capture_replayed_gives_the_plain_numbers(rerun, dtype, grid):
+    field, y0 = case("mlp")
+    t = torch.tensor([0.0, 0.1, 0.3, 0.35, 0.6, 0.8, 1.0]) if grid == "uneven" else torch.linspace(0, 1, 7)
+    # step_size 0.15 on [0, 1]: six steps of 0.15 (equal up to rounding) and a last one of 0.1.
+    options = {"step_size": 0.15} if grid == "step_size" else {}
+    plain = solve_grads(field, y0, t, dtype, **options)
+    replayed = solve_grads(field, y0, t, dtype, cuda_graph=True, **options)
+    assert_same(plain, replayed)
+    assert len(rerun) == 2  # forward, backward
+    steps = 7 if grid == "step_size" else 6
+    for replay in rerun:
+        assert replay.eager_steps == 1 and replay.replays == steps - 1
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun3", "rk4", "rk4_classic"])
+def test_gradcheck_of_replayed_steps(rerun, method):
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 3, dtype=torch.float64) * 0.5
+
+    def solve(y0, w, b):
+        def field(t, y):
+            return torch.tanh(y @ w + b * torch.sin(2 * t))
+
+        t = torch.tensor([0.0, 0.2, 0.5, 0.6, 0.9], dtype=torch.float64)
+        return rampde.odeint(field, y0, t, method=method, params=(w, b), options={"cuda_graph": True})
+
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(solve, (y0, w0.clone().requires_grad_(), b))
+    assert rerun and all(r.replays == 3 for r in rerun)
+
+
+@pytest.mark.parametrize("options", [{"state_dtype": "low"}, {"cast_weights": "per-use"}])
+def test_replayed_steps_with_other_options(rerun, options):
+    field, y0 = case("conv")
+    t = torch.linspace(0, 1, 5)
+    plain = solve_grads(field, y0, t, torch.bfloat16, **options)
+    replayed = solve_grads(field, y0, t, torch.bfloat16, cuda_graph=True, **options)
+    assert_same(plain, replayed)
+    assert [r.replays for r in rerun] == [3, 3]
+
+
+def test_time_gradient_is_taken_without_graphs(rerun):
+    field, y0 = case("mlp")
+    t = torch.linspace(0, 1, 6).requires_grad_()
+    plain = solve_grads(field, y0, t, torch.bfloat16)
+    replayed = solve_grads(field, y0, t, torch.bfloat16, cuda_graph=True)
+    assert replayed["t"].abs().sum() > 0
+    assert_same(plain, replayed)
+    assert len(rerun) == 1  # the forward's only
+
+
+def test_fp16_retry_captures_again_at_the_lower_scale(rerun):
+    """An overflowed fp16 backward is redone; its steps are captured anew with the lower target."""
+    field = StiffLinear()
+    y0 = torch.randn(8, 16) * 0.01
+    t = torch.linspace(0, 0.004, 4)
+    results, scalers = [], []
+    for cuda_graph in (False, True):
+        scaler = rampde.DynamicScaler(target_log2=14)
+        y = y0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            sol = rampde.odeint(field, y, t, options={"cuda_graph": cuda_graph}, loss_scaler=scaler)
+        results.append(torch.autograd.grad(sol[-1].double().pow(2).sum(), [y, field.lin.weight]))
+        scalers.append(scaler)
+    assert scalers[0].retries > 0 and scalers[0].stats() == scalers[1].stats()
+    for plain, replayed in zip(*results):
+        assert torch.equal(plain, replayed) and torch.isfinite(replayed).all()
+    assert len(rerun) == 1 + 1 + scalers[1].retries  # the forward, then one sweep per attempt
+    assert all(r.eager_steps == 1 and r.replays == 2 for r in rerun)
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on any op that reads a device value on the host."""
+
+    SYNCING = {torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.nonzero,
+               torch.ops.aten.is_nonzero, torch.ops.aten.equal}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func.overloadpacket not in self.SYNCING, f"{func} synchronises inside a captured step"
+        return func(*args, **(kwargs or {}))
+
+
+class _CheckedBody(_RerunBody):
+    def _warm_and_capture(self, body):
+        with _NoHostSync():
+            body()
+        return super()._warm_and_capture(body)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_captured_step_never_synchronises(monkeypatch, dtype):
+    monkeypatch.setattr(rampde.stepper, "StepReplay", _CheckedBody)
+    field, y0 = case("mlp")
+    out = solve_grads(field, y0, torch.linspace(0, 1, 4), dtype, cuda_graph=True)
+    assert torch.isfinite(out["params"]).all()
+
+
+def test_cuda_graph_option_is_checked():
+    field, y0 = case("mlp")
+    t = torch.linspace(0, 1, 3)
+    with pytest.raises(TypeError, match=r"options\['cuda_graph'\] must be True or False"):
+        rampde.odeint(field, y0, t, options={"cuda_graph": "yes"})
+    for clash in ({"storage": "activations"}, {"fuse": True}):
+        with pytest.raises(ValueError, match=r"options\['cuda_graph'\] applies to storage='states' without 'fuse'"):
+            rampde.odeint(field, y0, t, options={"cuda_graph": True, **clash})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_real_capture_on_cuda(monkeypatch, dtype):
+    made = []
+
+    class Recorded(step_graphs.StepReplay):
+        def __init__(self, device):
+            super().__init__(device)
+            made.append(self)
+
+    monkeypatch.setattr(rampde.stepper, "StepReplay", Recorded)
+    field, y0 = case("mlp")
+    field, y0 = field.cuda(), y0.cuda()
+    t = torch.linspace(0, 1, 17, device="cuda")
+    results = []
+    for cuda_graph in (False, True):
+        y = y0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            sol = rampde.odeint(field, y, t, options={"cuda_graph": cuda_graph})
+        grads = torch.autograd.grad(sol[-1].float().pow(2).mean(), [y, *field.parameters()])
+        results.append((sol.detach(), grads))
+    assert [r.replay is not None and r.eager_steps for r in made] == [1, 1]
+    assert rel_err(results[1][0], results[0][0]) < 1e-6
+    for a, b in zip(results[1][1], results[0][1]):
+        assert rel_err(a, b) < 1e-5
