@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import tarfile
 import time
@@ -252,7 +253,7 @@ def test_asv_environment_is_named_after_a_fixed_wrapper_of_this_python():
     assert done.stdout.strip() == sys.prefix  # the same interpreter, its environment included
 
 
-def test_every_gpu_command_parses_with_its_tools_own_parser():
+def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
     """The one GPU call cannot afford a typo: each command of the cuda plan goes through the
     parser (and the grid planning) of the program it runs, without running it."""
     import argparse
@@ -279,11 +280,24 @@ def test_every_gpu_command_parses_with_its_tools_own_parser():
                 assert profiling._cells(parsed, torch.device("cuda"), profiling.DEFAULT_WORKLOADS)
                 seen.add(parsed.command)
             elif args[:2] == ["-m", "pytest"]:
-                assert "--benchmark-only" in args and any(a.startswith("--benchmark-json=reports/") for a in args)
-                seen.add("pytest")
+                # pytest's own parser: collect only, with the same arguments. A usage error exits
+                # with 4; 5 is "nothing collected" (the benchmarks' grid is the CPU's here).
+                # Their report files go to a temporary folder, not into reports/.
+                private = [re.sub(r"^(--junitxml|--benchmark-json)=.*/", rf"\1={tmp_path}/", a) for a in args]
+                done = subprocess.run([PY, *private, "--collect-only"], cwd=campaign.ROOT, capture_output=True,
+                                      text=True, timeout=120)
+                if "tests/test_step_graphs.py" in args:
+                    assert done.returncode == 0, done.stdout + done.stderr
+                    assert any(a.startswith("--junitxml=reports/nvidia-h200/") for a in args)
+                    assert "test_real_capture_on_cuda" in done.stdout
+                    seen.add("pytest-graphs")
+                else:
+                    assert done.returncode in (0, 5), done.stdout + done.stderr
+                    assert "--benchmark-only" in args and any(a.startswith("--benchmark-json=reports/") for a in args)
+                    seen.add("pytest-benchmarks")
             else:
                 assert args[0] == "tools/asv_history.py"
                 parsed = asv_history.build_parser().parse_args(args[1:])
                 assert parsed.count == 3 and len(parsed.bench) == 2 and parsed.quick
                 seen.add("asv")
-    assert seen == {"train", "run-perf", "run-quick", "ablate", "profile", "pytest", "asv"}
+    assert seen == {"train", "run-perf", "run-quick", "ablate", "profile", "pytest-graphs", "pytest-benchmarks", "asv"}

@@ -19,8 +19,8 @@ still returns what was finished. Unpack at the repository root: ``tar xzf FILE.t
 The steps (``--steps`` picks some, in this order): ``perf`` the perf suite (the performance targets' cells);
 ``train-digits`` and ``train-cnf`` the training parity runs, the competitors of a task side by side
 on the one GPU (one process each, so wall times include that sharing; the metrics do not depend on
-it); ``pytest`` pytest-benchmark at MLP width 256 for every competitor and width 2048 for the
-main ones; ``asv`` asv history of the last three commits of main, a few cells each; ``ablate`` and
+it); ``pytest`` the CUDA-graph steps' tests, then pytest-benchmark at MLP width 256 for every
+competitor and width 2048 for the main ones; ``asv`` asv history of the last three commits of main, a few cells each; ``ablate`` and
 ``profile`` where the time goes; ``quick`` the quick suite in the time left. On a CPU
 (``--device cpu``) the same steps run at CPU sizes: a rehearsal of the pipeline, not a measurement.
 """
@@ -161,11 +161,14 @@ def asv_selection(device: str) -> list[str]:
 
 
 def _pytest(ctx: Context) -> list[list[str]]:
-    cmd = [ctx.python, "-m", "pytest", "tests/benchmarks", "-q", "-p", "no:cacheprovider",
-           "-k", pytest_selection(ctx.device)]
+    """The CUDA-graph steps checked against the plain ones on the device (a JUnit report kept),
+    then the benchmarks."""
+    pytest = [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    graphs = pytest + ["tests/test_step_graphs.py", f"--junitxml={ctx.reports}/step-graphs-junit.xml"]
+    cmd = pytest + ["tests/benchmarks", "-k", pytest_selection(ctx.device)]
     if ctx.on_gpu:
-        return [cmd + ["--benchmark-only", f"--benchmark-json={ctx.reports}/pytest-benchmark.json"]]
-    return [cmd + ["--benchmark-disable"]]  # the CPU sizes only check that the suite runs
+        return [graphs, cmd + ["--benchmark-only", f"--benchmark-json={ctx.reports}/pytest-benchmark.json"]]
+    return [graphs, cmd + ["--benchmark-disable"]]  # the CPU sizes only check that the suite runs
 
 
 def _asv(ctx: Context) -> list[list[str]]:
@@ -209,7 +212,7 @@ STEPS: tuple[Step, ...] = (
     Step("perf", 150, _perf, sequential=True),
     Step("train-digits", 35, _train_commands("digits"), after=merge_training),
     Step("train-cnf", 60, _train_commands("cnf"), after=merge_training),
-    Step("pytest", 55, _pytest),
+    Step("pytest", 55, _pytest, sequential=True),
     Step("asv", 90, _asv),
     Step("ablate", 75, lambda c: [[c.python, "-m", "rampde.bench.profiling", "ablate", "--out", f"{c.reports}/perf",
                                    "--device", c.device]]),

@@ -221,6 +221,12 @@ _REGISTRY: dict[str, Competitor] = {
                    "(N+1)*S + N*s*A/2", "rk4-discrete", rampde_run(torch.float16, {"storage": "activations"})),
         Competitor("rampde-bf16-fast", "bf16", "rampde, bf16, keeps 16-bit stage activations (no recompute)",
                    "(N+1)*S + N*s*A/2", "rk4-discrete", rampde_run(torch.bfloat16, {"storage": "activations"})),
+        Competitor("rampde-fp16-graph", "fp16",
+                   "rampde, fp16, each step forward and backward replayed as one CUDA graph (eager off CUDA)",
+                   "(N+1)*S + s*A/2", "rk4-discrete", rampde_run(torch.float16, {"cuda_graph": True})),
+        Competitor("rampde-bf16-graph", "bf16",
+                   "rampde, bf16, each step forward and backward replayed as one CUDA graph (eager off CUDA)",
+                   "(N+1)*S + s*A/2", "rk4-discrete", rampde_run(torch.bfloat16, {"cuda_graph": True})),
     ]
 }
 

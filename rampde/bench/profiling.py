@@ -7,8 +7,9 @@ Two entry points (``python -m rampde.bench.profiling ablate|profile [options]``)
   ``<out>/ablation-environment.json``. Variants (``ablation_variants``): the baseline
   ``torchdiffeq-fp32`` from the registry, then rampde in bf16 and fp16 with its default options
   and with one option changed at a time (``storage="activations"``, ``state_dtype="low"``,
-  ``cast_weights="per-use"``, ``fuse=True``), and the fast storage fused; for the conv workload every variant again with the conv weights and
-  ``y0`` in ``torch.channels_last``. The timed forward+backward is the registry's (see
+  ``cast_weights="per-use"``, ``cuda_graph=True``, ``fuse=True``), and the fast storage fused;
+  for the conv workload every variant again with the conv weights and ``y0`` in
+  ``torch.channels_last``. The timed forward+backward is the registry's (see
   ``competitors.rampde_run``: ``y0`` a leaf, TF32 off, autocast around the solve and the loss of
   ``y(T)``, the backward, a ``DynamicScaler`` kept across the runs in fp16); time and memory come
   from ``measure.measure_calls``, gradient errors against the fp64 run of the same scheme
@@ -68,6 +69,7 @@ OPTION_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("storage=activations", {"storage": "activations"}),
     ("state_dtype=low", {"state_dtype": "low"}),
     ("cast_weights=per-use", {"cast_weights": "per-use"}),
+    ("cuda_graph", {"cuda_graph": True}),
     ("fuse", {"fuse": True}),
     ("storage=activations fuse", {"storage": "activations", "fuse": True}),
 )

@@ -78,6 +78,8 @@ PALETTE: dict[str, str] = {
     "rampde-bf16": "#00441b",
     "rampde-fp16-fast": "#17becf",
     "rampde-bf16-fast": "#006d77",
+    "rampde-fp16-graph": "#98df8a",
+    "rampde-bf16-graph": "#3f8f3f",
 }
 _EXTRA_COLOURS = ("#7f7f7f", "#393b79", "#ad494a", "#8c6d31", "#843c39", "#7b4173", "#5254a3")
 

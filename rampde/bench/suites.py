@@ -17,7 +17,7 @@ CPU_QUICK_COMPETITORS = ["torchdiffeq-fp32", "autocast-bf16", "rampde-fp32", "ra
                          "reversible"]
 # The competitors the performance targets compare (rampde.bench.targets), the fast variants included.
 PERF_COMPETITORS = ["torchdiffeq-fp32", "torchdiffeq-tf32", "autocast-fp16", "autocast-bf16", "rampde-fp16",
-                    "rampde-bf16", "rampde-fp16-fast", "rampde-bf16-fast"]
+                    "rampde-bf16", "rampde-fp16-fast", "rampde-bf16-fast", "rampde-fp16-graph", "rampde-bf16-graph"]
 
 Sizes = dict[str, list[int]]  # {"widths": [...], "batches": [...]}
 

@@ -45,11 +45,12 @@ def test_ablate_end_to_end(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "ablation.csv", keep_default_na=False, na_values=[""])
     assert list(table.columns) == list(ABLATION_COLUMNS)
     assert list(table["variant"]) == [v.name for v in ablation_variants("mlp")]
-    assert len(table) == 13 and set(table["workload"]) == {"mlp"} and set(table["gpu"]) == {"cpu"}
+    assert len(table) == 15 and set(table["workload"]) == {"mlp"} and set(table["gpu"]) == {"cpu"}
     rows = _rows(table)
     for name, row in rows.items():
         assert row["status"] == "ok", (name, row["message"])
-    for name in ("rampde-bf16 fuse", "rampde-fp16 storage=activations fuse"):
+    for name in ("rampde-bf16 fuse", "rampde-fp16 storage=activations fuse", "rampde-bf16 cuda_graph",
+                 "rampde-fp16 cuda_graph"):
         assert rows[name]["grad_err_params"] < 0.05 and rows[name]["time_ms_median"] > 0
     assert math.isfinite(rows["torchdiffeq-fp32"]["grad_err_params"])
     assert rows["torchdiffeq-fp32"]["grad_err_params"] < 1e-5
@@ -64,7 +65,7 @@ def test_ablate_end_to_end(tmp_path, capsys):
     env = json.loads((tmp_path / "ablation-environment.json").read_text())
     assert env["gpu"] == "cpu" and env["torch"] == torch.__version__
     err = capsys.readouterr().err
-    assert "[13/13] mlp w8 b8 N2" in err and "ablation.csv" in err
+    assert "[15/15] mlp w8 b8 N2" in err and "ablation.csv" in err
 
 
 def test_conv_ablation_has_both_layouts(tmp_path):
