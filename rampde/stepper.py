@@ -16,6 +16,7 @@ work, at the memory of the 16-bit activations. With fp16 the cotangents are scal
 two per step (see ``scaling``); one flag is read on the host per backward, and an overflowed
 backward is redone with a lower scale. Linear/Conv weights are cast to 16-bit once per solve
 (``WeightCast``); the trajectory keeps ``y0``'s memory layout (``channels_last`` included).
+With ``cuda_graph`` every step runs on fixed buffers, replayed as a CUDA graph (``step_graphs``).
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def _build_step(spec: SolveSpec, coef: _StepCoefficients, grid: torch.Tensor, st
     return _StepGraph(y, None, None, _stages(spec, y, coef.stage_ts[i], coef.ha_host[i], weights), stage_weights)
 
 
-def _build_replayed_step(spec: SolveSpec, state: torch.Tensor, numbers: "_StepNumbers",
+def _build_replayed_step(spec: SolveSpec, state: torch.Tensor, numbers: _StepNumbers,
                          copies: list[torch.Tensor] | None, slots: _ParamSlots) -> _StepGraph:
     """``_build_step`` with the step's times and coefficients read from the fixed ``numbers``."""
     y, stage_weights, weights = _step_leaves(spec, state, copies, slots)
@@ -518,8 +519,8 @@ def _adjoint_sweep(
     return _SweepResult(y0=adjoint, params=g_params, grid=g_grid)
 
 
-def _step_vjps(spec: SolveSpec, step: _StepGraph, hb: Sequence[float] | Sequence[torch.Tensor], adjoint: torch.Tensor,
-               h_abs: torch.Tensor, diff_params: list[torch.Tensor], slots: _ParamSlots,
+def _step_vjps(spec: SolveSpec, step: _StepGraph, hb: Sequence[float] | Sequence[torch.Tensor],
+               adjoint: torch.Tensor, h_abs: torch.Tensor, diff_params: list[torch.Tensor], slots: _ParamSlots,
                retain: bool) -> tuple[Sequence[torch.Tensor | None], torch.Tensor | None]:
     """The vjps of one step's stages with the adjoint, in the order of ``step.inputs``, and the
     inverse of the scale they carry (None when unscaled)."""
