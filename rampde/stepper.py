@@ -138,10 +138,13 @@ class _StepCoefficients:
     stage_ts: list[list[torch.Tensor]]  # stage_ts[i][j] = t_i + c_j h_i, a 0-d view
     stage_coef_rows: list[list[torch.Tensor]]  # stage_coef_rows[j][i]: the nonzero h_i a_jl of stage j (fused)
     update_coef_rows: list[torch.Tensor]  # update_coef_rows[i]: the h_i b_j with b_j != 0 (fused)
+    numbers: _StepNumbers | None  # the same per step in one fixed vector (replayed steps), or None
 
     @staticmethod
-    def build(tableau: ButcherTableau, grid: torch.Tensor, grid_host: torch.Tensor | None) -> "_StepCoefficients":
-        """``grid_host``: the same grid on the CPU in the same dtype (read from ``grid`` if None)."""
+    def build(tableau: ButcherTableau, grid: torch.Tensor, grid_host: torch.Tensor | None,
+              replayed: bool = False) -> "_StepCoefficients":
+        """``grid_host``: the same grid on the CPU in the same dtype (read from ``grid`` if None);
+        ``replayed``: also the ``numbers`` of steps replayed by ``StepReplay``."""
         device = _StepCoefficients.tensors(tableau, grid)
         host = _StepCoefficients.tensors(tableau, grid.detach().cpu() if grid_host is None else grid_host)
         terms = [[l for l, a_jl in enumerate(row) if a_jl != 0.0] for row in tableau.a]
@@ -156,6 +159,7 @@ class _StepCoefficients:
             stage_ts=[list(row.unbind(0)) for row in device["stage_t"].unbind(0)],
             stage_coef_rows=[list(ha[:, j, t].contiguous().unbind(0)) for j, t in enumerate(terms)],
             update_coef_rows=list(hb[:, _weighted(tableau)].contiguous().unbind(0)),
+            numbers=_StepNumbers(tableau.stages, device) if replayed else None,
         )
 
     @staticmethod
@@ -307,9 +311,8 @@ class _StepNumbers:
     its stage times, ``|h|``, ``h a_jl`` and ``h b_j``. ``load(i)`` copies step ``i``'s in (one
     copy); the attributes are 0-d views of the vector, which the step's kernels read."""
 
-    def __init__(self, tableau: ButcherTableau, grid: torch.Tensor) -> None:
-        s = tableau.stages
-        per_step = _StepCoefficients.tensors(tableau, grid)
+    def __init__(self, s: int, per_step: dict[str, torch.Tensor]) -> None:
+        """``s`` stages; ``per_step``: ``_StepCoefficients.tensors`` of the grid."""
         h = per_step["h"]
         self.table = torch.cat([per_step["stage_t"], h.abs()[:, None], per_step["ha"].reshape(-1, s * s),
                                 per_step["hb"]], dim=1).detach()
@@ -324,12 +327,11 @@ class _StepNumbers:
         self.values.copy_(self.table[i])
 
 
-def _replayed_forward(spec: SolveSpec, grid: torch.Tensor, traj: torch.Tensor,
+def _replayed_forward(spec: SolveSpec, numbers: _StepNumbers, traj: torch.Tensor,
                       weights: Sequence[Weights | None], weighted: list[int]) -> None:
     """Fills ``traj[1:]`` from ``traj[0]``, each step a body on fixed buffers (``StepReplay``):
     the step's numbers are copied in, the new state copied out."""
     state = traj[0].clone()  # y0's layout
-    numbers = _StepNumbers(spec.tableau, grid)
 
     def body() -> None:
         ks = _stages(spec, state, numbers.stage_t, numbers.ha, weights)
@@ -366,7 +368,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: SolveSpec, grid: torch.Tensor, y0: torch.Tensor, *params: torch.Tensor):
-        coef = _StepCoefficients.build(spec.tableau, grid, spec.grid_host)
+        coef = _StepCoefficients.build(spec.tableau, grid, spec.grid_host, replayed=spec.cuda_graph)
         weighted = _weighted(spec.tableau)
         traj = _trajectory_buffer(y0, grid.shape[0], spec.acc_dtype)
         traj[0] = y0
@@ -376,7 +378,7 @@ class DiscreteAdjointSolve(torch.autograd.Function):
         graphs: list[_StepGraph] = []
         with spec.autocast():
             if spec.cuda_graph:
-                _replayed_forward(spec, grid, traj, shared, weighted)
+                _replayed_forward(spec, coef.numbers, traj, shared, weighted)
             else:
                 for i in range(grid.shape[0] - 1):
                     if spec.keep_activations:
@@ -483,7 +485,6 @@ def _adjoint_sweep(
     """
     acc = spec.acc_dtype
     weighted = _weighted(spec.tableau)
-    h_abs = coef.h.abs()
     retain = bool(graphs) and spec.scaler is not None
     slots = _ParamSlots(spec, diff_params)
 
@@ -494,12 +495,13 @@ def _adjoint_sweep(
 
     with spec.autocast(), torch.enable_grad():
         if spec.cuda_graph and not graphs and not need_t:
-            _replayed_sweep(spec, grid, stored, grad_traj, diff_params, copies, accumulators)
+            _replayed_sweep(spec, coef.numbers, grid, stored, grad_traj, diff_params, copies, accumulators)
             return _SweepResult(y0=adjoint, params=g_params, grid=None)
+        h_abs = coef.h.abs()
         for i in range(grid.shape[0] - 2, -1, -1):
             step = graphs[i] if graphs else _build_step(spec, coef, grid, stored[i], i, need_t, copies, slots)
-            vjps, inv_scale = _step_vjps(spec, step, coef.hb_host[i], adjoint, h_abs[i], diff_params, slots,
-                                         retain)
+            vjps, inv_scale = _step_vjps(spec, step, weighted, coef.hb_host[i], adjoint, h_abs[i], diff_params,
+                                         slots, retain)
             if need_t:
                 # y_next = y + h sum_j b_j k_j also depends on h directly.
                 flat_adj = adjoint.reshape(-1)
@@ -519,8 +521,9 @@ def _adjoint_sweep(
     return _SweepResult(y0=adjoint, params=g_params, grid=g_grid)
 
 
-def _step_vjps(spec: SolveSpec, step: _StepGraph, hb: Sequence[float] | Sequence[torch.Tensor],
-               adjoint: torch.Tensor, h_abs: torch.Tensor, diff_params: list[torch.Tensor], slots: _ParamSlots,
+def _step_vjps(spec: SolveSpec, step: _StepGraph, weighted: list[int],
+               hb: Sequence[float] | Sequence[torch.Tensor], adjoint: torch.Tensor, h_abs: torch.Tensor,
+               diff_params: list[torch.Tensor], slots: _ParamSlots,
                retain: bool) -> tuple[Sequence[torch.Tensor | None], torch.Tensor | None]:
     """The vjps of one step's stages with the adjoint, in the order of ``step.inputs``, and the
     inverse of the scale they carry (None when unscaled)."""
@@ -533,7 +536,7 @@ def _step_vjps(spec: SolveSpec, step: _StepGraph, hb: Sequence[float] | Sequence
     # Stages with equal weights share one cotangent (rk4: b = 1/6, 1/3, 1/3, 1/6): two
     # multiplies and casts per step instead of four, the same values.
     outputs, cotangents, scaled = [], [], {}
-    for j in _weighted(spec.tableau):
+    for j in weighted:
         k = step.ks[j]
         if k.requires_grad:
             key = (spec.tableau.b[j], k.dtype)
@@ -569,19 +572,19 @@ class _Accumulators:
             _accumulate([(g, v) for g, v in group if v is not None], inv_scale)
 
 
-def _replayed_sweep(spec: SolveSpec, grid: torch.Tensor, stored: torch.Tensor, grad_traj: torch.Tensor,
-                    diff_params: list[torch.Tensor], copies: list[torch.Tensor] | None,
+def _replayed_sweep(spec: SolveSpec, numbers: _StepNumbers, grid: torch.Tensor, stored: torch.Tensor,
+                    grad_traj: torch.Tensor, diff_params: list[torch.Tensor], copies: list[torch.Tensor] | None,
                     accumulators: _Accumulators) -> None:
     """The steps of ``_adjoint_sweep`` (no time gradient), each a body on fixed buffers
     (``StepReplay``): the stored state and the step's numbers are copied in; the vjps go into the
     accumulators, which stay in place for the whole sweep."""
     state = torch.empty_like(stored[0], dtype=spec.acc_dtype)
-    numbers = _StepNumbers(spec.tableau, grid)
+    weighted = _weighted(spec.tableau)
 
     def body() -> None:
         step = _build_replayed_step(spec, state, numbers, copies, accumulators.slots)
-        vjps, inv_scale = _step_vjps(spec, step, numbers.hb, accumulators.adjoint, numbers.h_abs, diff_params,
-                                     accumulators.slots, retain=False)
+        vjps, inv_scale = _step_vjps(spec, step, weighted, numbers.hb, accumulators.adjoint, numbers.h_abs,
+                                     diff_params, accumulators.slots, retain=False)
         accumulators.add(step, vjps, inv_scale)
 
     replay = StepReplay(grid.device)
