@@ -255,12 +255,17 @@ def _stop(procs: list[subprocess.Popen]) -> None:
                 os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
-        end = time.monotonic() + wait_s
-        for p in running:
-            try:
-                p.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        _wait(running, time.monotonic() + wait_s)
+
+
+def _wait(procs: list[subprocess.Popen], end: float) -> None:
+    """Wait for the processes until the monotonic time ``end`` (after it, each is only polled);
+    those still running are left so."""
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def run_commands(commands: list[list[str]], limit_s: float, *, cwd: Path, env: dict[str, str],
@@ -277,12 +282,7 @@ def run_commands(commands: list[list[str]], limit_s: float, *, cwd: Path, env: d
             handle.flush()
             procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, start_new_session=True))
-    end = time.monotonic() + limit_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            break
+    _wait(procs, time.monotonic() + limit_s)
     stopped = any(p.poll() is None for p in procs)
     if stopped:
         _stop(procs)
