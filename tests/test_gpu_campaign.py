@@ -258,7 +258,7 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
     parser (and the grid planning) of the program it runs, without running it."""
     import argparse
 
-    from rampde.bench import cli, profiling, training
+    from rampde.bench import cli, gemm_probe, profiling, training
 
     ctx = campaign.Context(PY, "cuda", "nvidia-h200")
     seen = set()
@@ -279,6 +279,10 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
                 parsed = profiling.build_parser().parse_args(args[2:])
                 assert profiling._cells(parsed, torch.device("cuda"), profiling.DEFAULT_WORKLOADS)
                 seen.add(parsed.command)
+            elif args[:2] == ["-m", "rampde.bench.gemm_probe"]:
+                parsed = gemm_probe.build_parser().parse_args(args[2:])
+                assert parsed.device == "cuda" and parsed.out == "reports/nvidia-h200/perf"
+                seen.add("gemm")
             elif args[:2] == ["-m", "pytest"]:
                 # pytest's own parser: collect only, with the same arguments. A usage error exits
                 # with 4; 5 is "nothing collected" (the benchmarks' grid is the CPU's here).
@@ -300,4 +304,5 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
                 parsed = asv_history.build_parser().parse_args(args[1:])
                 assert parsed.count == 3 and len(parsed.bench) == 2 and parsed.quick
                 seen.add("asv")
-    assert seen == {"train", "run-perf", "run-quick", "ablate", "profile", "pytest-graphs", "pytest-benchmarks", "asv"}
+    assert seen == {"train", "run-perf", "run-quick", "ablate", "profile", "pytest-graphs", "pytest-benchmarks", "asv",
+                    "gemm"}

@@ -21,7 +21,8 @@ The steps (``--steps`` picks some, in this order): ``perf`` the perf suite (the 
 on the one GPU (one process each, so wall times include that sharing; the metrics do not depend on
 it); ``pytest`` the CUDA-graph steps' tests, then pytest-benchmark at MLP width 256 for every
 competitor and width 2048 for the main ones; ``asv`` asv history of the last three commits of main, a few cells each; ``ablate`` and
-``profile`` where the time goes; ``quick`` the quick suite in the time left. On a CPU
+``profile`` where the time goes; ``gemm`` a Linear's GEMMs with an inner dimension of width and
+width + 1 (``rampde.bench.gemm_probe``: what the MLP field's shape costs); ``quick`` the quick suite in the time left. On a CPU
 (``--device cpu``) the same steps run at CPU sizes: a rehearsal of the pipeline, not a measurement.
 """
 
@@ -218,6 +219,8 @@ STEPS: tuple[Step, ...] = (
                                    "--device", c.device]]),
     Step("profile", 30, lambda c: [[c.python, "-m", "rampde.bench.profiling", "profile", "--out",
                                     f"{c.reports}/perf", "--device", c.device]]),
+    Step("gemm", 15, lambda c: [[c.python, "-m", "rampde.bench.gemm_probe", "--out", f"{c.reports}/perf",
+                                 "--device", c.device]]),
     Step("quick", None, lambda c: [_bench(c, "run", "--suite", "quick", "--out", c.reports)]),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)

@@ -1,0 +1,118 @@
+"""The GEMM probe (``rampde.bench.gemm_probe``): the work it times, its rows and its command line."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from rampde.bench import gemm_probe
+from rampde.bench.gemm_probe import GEMM_COLUMNS, GemmShape, linear_gemms, probe_shapes, run_probe
+
+
+def test_shapes_pair_each_width_with_its_odd_inner_dimension():
+    shapes = probe_shapes([16, 32], 24, ["fp32", "bf16"])
+    assert [(s.precision, s.m, s.n, s.k) for s in shapes] == [
+        ("fp32", 24, 16, 16), ("fp32", 24, 16, 17), ("fp32", 24, 32, 32), ("fp32", 24, 32, 33),
+        ("bf16", 24, 16, 16), ("bf16", 24, 16, 17), ("bf16", 24, 32, 32), ("bf16", 24, 32, 33)]
+    assert shapes[1].flops == 3 * 2 * 24 * 16 * 17
+
+
+@pytest.mark.parametrize("precision, k, expected", [
+    ("fp16", 2048, 16), ("fp16", 2049, 2), ("bf16", 2052, 8), ("fp32", 2049, 4), ("tf32", 2050, 8),
+    ("fp32", 2048, 16),
+])
+def test_row_alignment_is_where_a_row_of_k_elements_starts(precision, k, expected):
+    assert GemmShape(precision, 8, 8, k).row_alignment() == expected
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"precision": "fp8"}, "precision"), ({"m": 0}, "m"), ({"n": 2.0}, "n"), ({"k": True}, "k"),
+])
+def test_bad_shape_names_the_argument(kwargs, name):
+    args = {"precision": "fp32", "m": 8, "n": 8, "k": 8, **kwargs}
+    with pytest.raises(ValueError, match=rf"^{name} must"):
+        GemmShape(**args)
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 2e-2), ("fp16", 2e-3)])
+def test_the_timed_call_computes_a_linear_layers_three_gemms(precision, tol):
+    call, t = linear_gemms(GemmShape(precision, 24, 16, 17), torch.device("cpu"), inner=2, seed=3)
+    call()
+    x, w, g = (t[name].double() for name in ("x", "w", "g"))
+    assert t["y"].shape == (24, 16) and t["dx"].shape == (24, 17) and t["dw"].shape == (16, 17)
+    for got, want in ((t["y"], x @ w.T), (t["dx"], g @ w), (t["dw"], g.T @ x)):
+        assert got.dtype == gemm_probe.PRECISIONS[precision]
+        assert torch.linalg.norm(got.double() - want) <= tol * torch.linalg.norm(want)
+
+
+def test_the_probe_writes_one_row_per_shape_on_the_cpu(tmp_path):
+    shapes = probe_shapes([16], 16, ["fp32", "tf32", "bf16"])
+    seen_rows = []
+
+    def progress(done, total, shape, row):
+        if row is not None:  # the file holds every finished row when the next one starts
+            seen_rows.append(len(pd.read_csv(tmp_path / "gemm.csv")))
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    table = run_probe(shapes, tmp_path, device="cpu", inner=2, repeats=2, warmup=1, progress=progress)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert seen_rows == [1, 2, 3, 4, 5, 6]
+    on_disk = pd.read_csv(tmp_path / "gemm.csv")
+    assert list(on_disk.columns) == list(GEMM_COLUMNS) == list(table.columns)
+    assert list(on_disk["status"]) == ["ok", "ok", "unsupported", "unsupported", "ok", "ok"]
+    assert on_disk.loc[2, "message"].startswith("TF32 is a CUDA matmul mode")
+    ok = on_disk[on_disk["status"] == "ok"]
+    assert (ok["tflops"] > 0).all() and (ok["time_us_q25"] <= ok["time_us_median"]).all()
+    assert (ok["time_us_median"] <= ok["time_us_q75"]).all()
+    assert list(ok["vs_aligned"].round(12))[::2] == [1.0, 1.0]  # the k = n rows are their own reference
+    odd = ok.iloc[1]
+    assert odd["vs_aligned"] == pytest.approx(odd["tflops"] / ok.iloc[0]["tflops"])
+    assert on_disk["fraction_of_fp16_peak"].isna().all()  # no tensor-core peak on the CPU
+    assert (on_disk["gpu"] == "cpu").all() and on_disk["top_kernel"].isna().all()
+
+
+def test_out_of_memory_and_errors_are_rows_and_the_probe_goes_on(tmp_path, monkeypatch):
+    real = gemm_probe.measure_shape
+
+    def failing(shape, device, **kwargs):
+        if shape.k == 17:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        if shape.n == 32 and shape.k == 32:
+            raise RuntimeError("cublas went away")
+        return real(shape, device, **kwargs)
+
+    monkeypatch.setattr(gemm_probe, "measure_shape", failing)
+    table = run_probe(probe_shapes([16, 32], 16, ["fp32"]), tmp_path, device="cpu", inner=1, repeats=1, warmup=0)
+    assert list(table["status"]) == ["ok", "oom", "error", "ok"]
+    assert "out of memory" in table.loc[1, "message"]
+    assert table.loc[2, "message"] == "RuntimeError: cublas went away"
+    assert math.isnan(table.loc[1, "vs_aligned"]) and math.isnan(table.loc[3, "vs_aligned"])  # 33 has no 32 row
+
+
+def test_bad_inner_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="inner must be >= 1"):
+        run_probe(probe_shapes([16], 16, ["fp32"]), tmp_path, device="cpu", inner=0)
+
+
+def test_command_line_runs_and_prints_each_row(tmp_path, capsys):
+    code = gemm_probe.main(["--device", "cpu", "--widths", "16", "--batch", "8", "--precisions", "fp16",
+                            "--repeats", "1", "--inner", "1", "--out", str(tmp_path)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "2 shapes on cpu" in err and "[2/2] fp16 m=8 n=16 k=17:" in err and "TFLOP/s" in err
+    assert len(pd.read_csv(tmp_path / "gemm.csv")) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precisions", "fp8"], "--precisions: unknown ['fp8']"),
+    (["--widths", "0"], "--widths: 0 is not a positive integer"),
+    (["--inner", "x"], "--inner: 'x' is not an integer"),
+    (["--device", "tpu"], "--device:"),
+])
+def test_bad_command_line_values_name_the_option(args, message, tmp_path, capsys):
+    assert gemm_probe.main([*args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "gemm.csv").exists()
