@@ -117,7 +117,7 @@ def test_without_gpu_results_every_block_says_so(tmp_path: Path):
     readme = tmp_path / "README.md"
     readme.write_text(README)
     assert readme_results.main(["--readme", str(readme)]) == 0
-    assert readme.read_text().count(readme_results.NO_GPU) == 3
+    assert readme.read_text().count(readme_results.NO_GPU) == 3  # claims, targets, training
 
 
 def test_unknown_block_and_missing_readme(tmp_path: Path, capsys):
@@ -131,3 +131,58 @@ def test_unknown_block_and_missing_readme(tmp_path: Path, capsys):
 
 def test_the_repository_readme_matches_its_committed_results():
     assert readme_results.stale_blocks(ROOT / "README.md", ROOT) == [], "run python tools/readme_results.py"
+
+
+def _perf_rows(tmp_path: Path) -> None:
+    """An ablation and a GEMM probe table as the tools write them: a GPU and a CPU row each."""
+    from rampde.bench.gemm_probe import GEMM_COLUMNS
+    from rampde.bench.profiling import ABLATION_COLUMNS
+
+    def ablation(variant, ms, vs_default, peak, status="ok", device="cuda", width=2048):
+        row = {c: math.nan for c in ABLATION_COLUMNS}
+        row.update(gpu=H200 if device == "cuda" else "cpu", device=device, workload="mlp", width=width, batch=2048,
+                   steps=64, variant=variant, repeats=5, time_ms_median=ms, speedup_vs_default=vs_default,
+                   peak_mem_bytes=peak, status=status, commit="0123456789ab")
+        return row
+
+    def gemm(precision, n, k, tflops, vs_aligned, kernel, status="ok"):
+        row = {c: math.nan for c in GEMM_COLUMNS}
+        row.update(gpu=H200, device="cuda", precision=precision, m=2048, n=n, k=k, tflops=tflops,
+                   vs_aligned=vs_aligned, top_kernel=kernel, status=status, commit="0123456789ab")
+        return row
+
+    perf = tmp_path / "reports" / "nvidia-h200" / "perf"
+    perf.mkdir(parents=True)
+    pd.DataFrame([ablation("torchdiffeq-fp32", 700.0, math.nan, 11 * 2**30),
+                  ablation("rampde-bf16", 250.0, 1.0, 2**30),
+                  ablation("rampde-bf16 fuse", 200.0, 1.25, 2**30),
+                  ablation("rampde-bf16", 30.0, 1.0, 2**28, width=256),
+                  ablation("rampde-bf16 storage=activations", math.nan, math.nan, math.nan, status="oom"),
+                  ablation("rampde-bf16", 9.0, 1.0, math.nan, device="cpu")]).to_csv(perf / "ablation.csv", index=False)
+    pd.DataFrame([gemm("bf16", 2048, 2048, 600.0, 1.0, "sm90_gemm_aligned"),
+                  gemm("bf16", 2048, 2049, 200.0, 1 / 3, "sm80_gemm_align2"),
+                  gemm("fp32", 2048, 2048, 50.0, 1.0, "sgemm"),
+                  gemm("fp32", 2048, 2049, math.nan, math.nan, math.nan, status="oom")]).to_csv(perf / "gemm.csv",
+                                                                                             index=False)
+
+
+def test_ablation_and_gemm_blocks_come_from_the_perf_tables(tmp_path: Path):
+    _perf_rows(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:ablation -->\n<!-- /results:ablation -->\n"
+                      "<!-- results:gemm -->\n<!-- /results:gemm -->\n")
+    assert readme_results.main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    ablation = text[text.index("<!-- results:ablation -->"):text.index("<!-- /results:ablation -->")]
+    assert "**NVIDIA H200** (commit 0123456; median of 5 runs;" in ablation
+    assert "| variant | mlp 2048, 64 steps | mlp 256, 64 steps |" in ablation
+    assert "| `torchdiffeq-fp32` | 700 ms, 11 GiB | — |" in ablation
+    assert "| `rampde-bf16` | 250 ms, x1.00, 1 GiB | 30 ms, x1.00, 0.25 GiB |" in ablation
+    assert "| `rampde-bf16 fuse` | 200 ms, x1.25, 1 GiB | — |" in ablation
+    assert "| `rampde-bf16 storage=activations` | oom | — |" in ablation
+    assert "9 ms" not in ablation  # the CPU row is not a GPU result
+    gemm = text[text.index("<!-- results:gemm -->"):text.index("<!-- /results:gemm -->")]
+    assert "3 of 4 shapes measured" in gemm
+    assert "| bf16 | 2048 | 2048 | 600 | 200 | 0.333 | `sm80_gemm_align2` |" in gemm
+    assert "| fp32 | 2048 | 2048 | 50 | oom | — | — |" in gemm
+    assert readme_results.main(["--readme", str(readme), "--check"]) == 0

@@ -10,6 +10,10 @@ A block is the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -
   (``rampde.bench.report.compute_claims``), with where and how they were measured;
 - ``targets``: the performance targets per GPU model (``rampde.bench.targets``);
 - ``training``: the training parity table per GPU model (``rampde.bench.training.parity_table``);
+- ``ablation``: per GPU model, what each of rampde's options buys in each cell of the ablation
+  (``reports/<gpu-model>/perf/ablation.csv``, ``rampde.bench.profiling``);
+- ``gemm``: per GPU model, a Linear's GEMM throughput with inner dimension width and width + 1
+  (``reports/<gpu-model>/perf/gemm.csv``, ``rampde.bench.gemm_probe``);
 - ``dashboard``: the dashboard screenshot, when ``docs/dashboard.png`` exists.
 
 Only rows measured on a GPU count (``device == "cuda"``): CPU sweeps check the pipeline, their
@@ -122,6 +126,67 @@ def training_block(df: pd.DataFrame) -> str:
     return _per_gpu(df, _training_section)
 
 
+def _ablation_cell(row: dict) -> str:
+    if row["status"] != "ok":
+        return str(row["status"])
+    parts = [f"{_number(row['time_ms_median'])} ms"]
+    if not math.isnan(row["speedup_vs_default"]):
+        parts.append(f"x{row['speedup_vs_default']:.2f}")
+    if not math.isnan(row["peak_mem_bytes"]):
+        parts.append(f"{row['peak_mem_bytes'] / 2**30:.3g} GiB")
+    return ", ".join(parts)
+
+
+def _ablation_section(gpu: str, rows: pd.DataFrame) -> list[str]:
+    """One table: a row per variant, a column per cell (time, speedup over rampde's defaults in
+    the same precision and layout, peak memory)."""
+    cells = list(dict.fromkeys(f"{r['workload']} {r['width']}, {r['steps']} steps"
+                               for r in rows.to_dict("records")))
+    by_variant: dict[str, dict[str, str]] = {}
+    for r in rows.to_dict("records"):
+        by_variant.setdefault(r["variant"], {})[f"{r['workload']} {r['width']}, {r['steps']} steps"] = \
+            _ablation_cell(r)
+    table = [[f"`{name}`", *(values.get(c, "—") for c in cells)] for name, values in by_variant.items()]
+    return [f"**{gpu}** (commit {_commits(rows)}; median of {_join(rows['repeats'].astype('Int64').astype(str))} runs; "
+            "xN: rampde's defaults in the same precision and layout / this variant):", "",
+            *markdown_table(["variant", *cells], table)]
+
+
+def ablation_block(df: pd.DataFrame) -> str:
+    """What each rampde option buys, per GPU model and cell."""
+    return _per_gpu(df, _ablation_section)
+
+
+def _gemm_section(gpu: str, rows: pd.DataFrame) -> list[str]:
+    table = []
+    ok = rows[rows["status"] == "ok"]
+    for (precision, m, n), group in rows.groupby(["precision", "m", "n"], sort=False):
+        by_k = {int(r["k"]): r for r in group.to_dict("records")}
+        even, odd = by_k.get(int(n)), by_k.get(int(n) + 1)
+
+        def tflops(r: dict | None) -> str:
+            return "—" if r is None else _number(r["tflops"]) if r["status"] == "ok" else str(r["status"])
+
+        table.append([precision, int(m), int(n), tflops(even), tflops(odd),
+                      _number(odd["vs_aligned"]) if odd is not None else "—",
+                      f"`{odd['top_kernel']}`" if odd is not None and isinstance(odd["top_kernel"], str) else "—"])
+    header = ["precision", "m", "n", "TFLOP/s, k = n", "TFLOP/s, k = n + 1", "ratio", "kernel at k = n + 1"]
+    return [f"**{gpu}** (commit {_commits(rows)}; the three GEMMs of a Linear's forward+backward, "
+            f"{len(ok)} of {len(rows)} shapes measured):", "", *markdown_table(header, table)]
+
+
+def gemm_block(df: pd.DataFrame) -> str:
+    """Per GPU model: a Linear's GEMM throughput with k = width and width + 1."""
+    return _per_gpu(df, _gemm_section)
+
+
+def gpu_perf_table(root: Path, name: str) -> pd.DataFrame:
+    """Every committed ``reports/**/perf/<name>`` row measured on a GPU (empty without one)."""
+    frames = [pd.read_csv(p) for p in sorted((root / "reports").glob(f"**/perf/{name}"))]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["device", "gpu"])
+    return df[df["device"] == "cuda"].reset_index(drop=True)
+
+
 def dashboard_block(root: Path) -> str:
     if not (root / SCREENSHOT).exists():
         return "_The dashboard's picture comes with the first committed GPU results._\n"
@@ -151,6 +216,8 @@ def blocks(root: Path) -> dict[str, Callable[[], str]]:
     return {"claims": lambda: claims_block(results()),
             "targets": lambda: targets_block(results()),
             "training": lambda: training_block(gpu_training(root)),
+            "ablation": lambda: ablation_block(gpu_perf_table(root, "ablation.csv")),
+            "gemm": lambda: gemm_block(gpu_perf_table(root, "gemm.csv")),
             "dashboard": lambda: dashboard_block(root)}
 
 
