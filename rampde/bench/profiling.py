@@ -9,7 +9,8 @@ Two entry points (``python -m rampde.bench.profiling ablate|profile [options]``)
   and with one option changed at a time (``storage="activations"``, ``state_dtype="low"``,
   ``cast_weights="per-use"``, ``cuda_graph=True``, ``fuse=True``), and the fast storage fused;
   for the conv workload every variant again with the conv weights and ``y0`` in
-  ``torch.channels_last``. The timed forward+backward is the registry's (see
+  ``torch.channels_last``. Order (``ablation_plan``): every cell's variants that need no
+  compiling, then every cell's compiled (``fuse``) ones. The timed forward+backward is the registry's (see
   ``competitors.rampde_run``: ``y0`` a leaf, TF32 off, autocast around the solve and the loss of
   ``y(T)``, the backward, a ``DynamicScaler`` kept across the runs in fp16); time and memory come
   from ``measure.measure_calls``, gradient errors against the fp64 run of the same scheme
@@ -55,7 +56,7 @@ from .workloads import WORKLOADS, Workload, build_workload
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "PerfCell", "Variant", "ablation_variants", "run_ablation", "measure_variant", "rampde_run",
+    "PerfCell", "Variant", "ablation_variants", "ablation_plan", "run_ablation", "measure_variant", "rampde_run",
     "profile_competitor", "run_profiles", "categorise_kernel", "categorise_op", "default_cells",
     "ABLATION_COLUMNS", "TOP_COLUMNS", "SUMMARY_KEYS", "main",
 ]
@@ -273,6 +274,11 @@ class Variant:
     channels_last: bool = False
     competitor: str | None = None  # a registry competitor (the baseline); None: rampde_run
 
+    @property
+    def compiled(self) -> bool:
+        """Runs ``torch.compile``d kernels (``fuse``): its first run in a process compiles."""
+        return bool(self.options.get("fuse"))
+
     def options_json(self) -> str:
         return "" if self.competitor else json.dumps(self.options, sort_keys=True)
 
@@ -375,6 +381,15 @@ def _variants_for(cell: PerfCell, names: Sequence[str] | None) -> list[Variant]:
     return [v for v in variants if v.name in names] if names else variants
 
 
+def ablation_plan(cells: Sequence[PerfCell], names: Sequence[str] | None = None) -> list[tuple[PerfCell, Variant]]:
+    """The (cell, variant) pairs in the order they are measured: every cell's variants that run
+    without compiling first, then every cell's compiled ones. A compile takes many seconds per
+    precision and shape, so a run stopped at its time limit has measured every cell's defaults
+    and plain options before any of that time is spent."""
+    pairs = [(cell, v) for cell in cells for v in _variants_for(cell, names)]
+    return [p for p in pairs if not p[1].compiled] + [p for p in pairs if p[1].compiled]
+
+
 def variant_names(workloads: Iterable[str]) -> list[str]:
     """Every variant name of these workloads, in order."""
     return list(dict.fromkeys(v.name for w in workloads for v in ablation_variants(w)))
@@ -409,28 +424,36 @@ def run_ablation(cells: Sequence[PerfCell], out_dir: Path, *, device: str | torc
     out_dir = Path(out_dir)
     env = measure.environment(device)
     _write_json(out_dir / ABLATION_ENV_FILE, env)
-    plan = [(cell, v) for cell in cells for v in _variants_for(cell, variants)]
+    plan = ablation_plan(cells, variants)
     log.info("ablation: %d rows on %s (%s), %d repeats after %d warm-up runs -> %s", len(plan), env["gpu"], device,
              repeats, warmup, out_dir / ABLATION_FILE)
     rows: list[dict[str, Any]] = []
     reference_competitor = get_competitor(REFERENCE_COMPETITOR)
+
+    def ref_cell_of(cell: PerfCell) -> Cell:
+        return Cell(REFERENCE_COMPETITOR, cell.workload, cell.width, cell.batch, cell.steps, METHOD)
+
+    # Each cell's fp64 reference is kept (on the host) until its last row, compiled pass included.
+    references = ReferenceCache([ref_cell_of(cell) for cell, _ in plan])
+    medians: dict[PerfCell, dict[str, float]] = {}
     current: PerfCell | None = None
     for index, (cell, variant) in enumerate(plan):
-        if cell != current:  # a new cell: drop the last one's workloads and reference first
-            current, medians, workloads, references = cell, {}, None, None
+        if cell != current:  # a new cell: drop the last one's workloads first
+            current, workloads = cell, None
             free_memory()
             workloads = _CellWorkloads(cell, device, seed)
-            ref_cell = Cell(REFERENCE_COMPETITOR, cell.workload, cell.width, cell.batch, cell.steps, METHOD)
-            references = ReferenceCache([ref_cell])
+        ref_cell = ref_cell_of(cell)
         if progress:
             progress(index, len(plan), cell, variant, None)
         row = measure_variant(
             variant, lambda w=workloads, v=variant: w.get(v.channels_last), cell, device=device, repeats=repeats,
             warmup=warmup, env=env,
-            reference=lambda w, r=references, c=ref_cell: r.get(reference_competitor, w, c))
+            reference=lambda w, c=ref_cell: references.get(reference_competitor, w, c))
+        references.done(ref_cell)
+        cell_medians = medians.setdefault(cell, {})
         if row["status"] == "ok" and not variant.channels_last and not variant.options:
-            medians[variant.competitor or variant.name] = row["time_ms_median"]
-        _add_speedups(row, medians)
+            cell_medians[variant.competitor or variant.name] = row["time_ms_median"]
+        _add_speedups(row, cell_medians)
         rows.append(row)
         write_csv_atomic(pd.DataFrame(rows, columns=list(ABLATION_COLUMNS)), out_dir / ABLATION_FILE)
         log.info("[%d/%d] %s %s: %s%s", index + 1, len(plan), cell.label, variant.name, row["status"],

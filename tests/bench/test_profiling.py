@@ -284,3 +284,46 @@ def test_compiled_variants_come_last_in_each_layout():
     fused = [i for i, n in enumerate(names) if "fuse" in n]
     assert fused == list(range(len(names) - len(fused), len(names)))
     assert names[:3] == ["torchdiffeq-fp32", "rampde-bf16", "rampde-fp16"]
+
+
+def test_the_plan_measures_every_cells_plain_variants_before_any_compiled_one():
+    cells = [MLP, PerfCell("conv", 8, 8, 2)]
+    plan = profiling.ablation_plan(cells)
+    compiled = [variant.compiled for _, variant in plan]
+    first_compiled = compiled.index(True)
+    assert not any(compiled[:first_compiled]) and all(compiled[first_compiled:])
+    assert [c for c, _ in plan[:first_compiled]] == [MLP] * 11 + [cells[1]] * 22  # cell by cell
+    assert {(c, v.name) for c, v in plan} == {(c, v.name) for c in cells for v in ablation_variants(c.workload)}
+    assert [(c.workload, v.name) for c, v in plan[first_compiled:first_compiled + 2]] == [
+        ("mlp", "rampde-bf16 fuse"), ("mlp", "rampde-fp16 fuse")]
+    named = profiling.ablation_plan(cells, ["rampde-bf16 fuse", "rampde-bf16"])
+    assert [(c.workload, v.name) for c, v in named] == [("mlp", "rampde-bf16"), ("conv", "rampde-bf16"),
+                                                        ("mlp", "rampde-bf16 fuse"), ("conv", "rampde-bf16 fuse")]
+
+
+def test_compiled_rows_keep_their_cells_reference_and_default(tmp_path, monkeypatch):
+    """The compiled pass comes back to each cell: its speedup is over that cell's default, and
+    its gradient error against that cell's fp64 reference, computed once per cell, not again."""
+    from rampde.bench import sweep
+
+    computed = []
+    real = sweep.reference_run
+
+    def counted(competitor, workload, steps):
+        computed.append(workload.describe())
+        return real(competitor, workload, steps)
+
+    monkeypatch.setattr(sweep, "reference_run", counted)
+    # The "fuse" rows run rampde's defaults: no compile here, the same numbers as the plain rows.
+    monkeypatch.setattr(profiling, "rampde_run", lambda precision, options: rampde_run(precision, {}))
+    second = PerfCell("mlp", 16, 8, 2)
+    table = run_ablation([MLP, second], tmp_path, device="cpu", repeats=1, warmup=0,
+                         variants=["rampde-bf16", "rampde-bf16 fuse"])
+    assert [(r["width"], r["variant"]) for _, r in table.iterrows()] == [
+        (8, "rampde-bf16"), (16, "rampde-bf16"), (8, "rampde-bf16 fuse"), (16, "rampde-bf16 fuse")]
+    assert set(table["status"]) == {"ok"} and len(computed) == 2
+    by = {(r["width"], r["variant"]): r for _, r in table.iterrows()}
+    for width in (8, 16):
+        fused, plain = by[(width, "rampde-bf16 fuse")], by[(width, "rampde-bf16")]
+        assert fused["speedup_vs_default"] == pytest.approx(plain["time_ms_median"] / fused["time_ms_median"])
+        assert fused["grad_err_params"] == plain["grad_err_params"]  # the same numbers, the same reference
