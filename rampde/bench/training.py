@@ -421,6 +421,14 @@ def _load_checkpoint(path: Path, config: Mapping[str, Any]) -> dict[str, Any] | 
     return ckpt
 
 
+def rng_devices(dev: torch.device) -> list[int]:
+    """The CUDA device indices whose RNG a run on ``dev`` forks: ``cuda`` without an index is the
+    current device (``torch.random.fork_rng`` wants indices and fails on ``None``); none on the CPU."""
+    if dev.type != "cuda":
+        return []
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
+
+
 def _run_one(task: TrainingTask, recipe: TrainingRecipe, ckpt: dict[str, Any] | None, *, epochs: int, out: Path,
              dev: torch.device, seed: int, size: str, env: Mapping[str, str], progress: Progress | None) -> None:
     """Trains one competitor up to ``epochs``, resuming from ``ckpt``; skips it when done."""
@@ -432,8 +440,7 @@ def _run_one(task: TrainingTask, recipe: TrainingRecipe, ckpt: dict[str, Any] | 
         notify(TrainingEvent(task.name, recipe.name, epochs, epochs, "skipped"))
         return
 
-    cuda = [dev.index] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda, device_type=dev.type), tf32(False):
+    with torch.random.fork_rng(devices=rng_devices(dev), device_type=dev.type), tf32(False):
         trainer = _Trainer.fresh(task, recipe, size, seed, dev)
         if ckpt is not None:
             trainer.restore(ckpt)

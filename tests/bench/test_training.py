@@ -258,3 +258,19 @@ def test_cli_errors(tmp_path, capsys, argv, message):
 def test_cli_rejects_a_bad_size():
     with pytest.raises(SystemExit):
         _parse("--size", "huge")
+
+
+def test_rng_devices_names_an_index_that_fork_rng_can_use(monkeypatch):
+    """``torch.random.fork_rng`` reads each device's RNG state by index; ``cuda`` without one must
+    become the current device's index (``None`` raises there, on a GPU only)."""
+    assert training.rng_devices(torch.device("cpu")) == []
+    assert training.rng_devices(torch.device("cuda", 2)) == [2]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    devices = training.rng_devices(torch.device("cuda"))
+    assert devices == [5]
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(device) or torch.zeros(8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: asked.append(device))
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        pass
+    assert asked == [5, 5] and all(type(d) is int for d in asked)
