@@ -215,11 +215,11 @@ STEPS: tuple[Step, ...] = (
     Step("train-cnf", 60, _train_commands("cnf"), after=merge_training),
     Step("pytest", 55, _pytest, sequential=True),
     Step("asv", 90, _asv),
-    Step("ablate", 75, lambda c: [[c.python, "-m", "rampde.bench.profiling", "ablate", "--out", f"{c.reports}/perf",
+    Step("ablate", 70, lambda c: [[c.python, "-m", "rampde.bench.profiling", "ablate", "--out", f"{c.reports}/perf",
                                    "--device", c.device]]),
     Step("profile", 30, lambda c: [[c.python, "-m", "rampde.bench.profiling", "profile", "--out",
                                     f"{c.reports}/perf", "--device", c.device]]),
-    Step("gemm", 15, lambda c: [[c.python, "-m", "rampde.bench.gemm_probe", "--out", f"{c.reports}/perf",
+    Step("gemm", 20, lambda c: [[c.python, "-m", "rampde.bench.gemm_probe", "--out", f"{c.reports}/perf",
                                  "--device", c.device]]),
     Step("quick", None, lambda c: [_bench(c, "run", "--suite", "quick", "--out", c.reports)]),
 )

@@ -7,7 +7,7 @@ tensor-core kernels by the operands' alignment; whether an odd inner dimension c
 GPU, and how much, is what this probe measures, so that a result set can tell the field's shape
 from the solver when the MLP's throughput falls short.
 
-For each precision (``fp32`` with TF32 off, ``tf32``, ``bf16``, ``fp16``) and width ``n`` it times
+For each precision (``bf16``, ``fp16``, ``tf32``, ``fp32`` with TF32 off) and width ``n`` it times
 the three GEMMs of one ``nn.Linear`` forward+backward on a batch of ``m`` rows, with the layouts
 ``nn.Linear`` uses (``x`` m x k, ``w`` n x k, ``g`` m x n, all row-major): ``x w^T``, ``g w`` and
 ``g^T x``, once with ``k = n`` and once with ``k = n + 1``. One timed call runs ``inner`` such
@@ -16,7 +16,7 @@ triple. On a GPU the probe also names the kernel that took the most device time
 (``torch.profiler``), which is where cuBLAS's choice shows.
 
     python -m rampde.bench.gemm_probe [--out DIR] [--device auto] [--widths 256 1024 2048]
-                                      [--batch 2048] [--precisions fp32 tf32 bf16 fp16]
+                                      [--batch 2048] [--precisions bf16 fp16 tf32 fp32]
                                       [--repeats 5] [--inner 10]
 
 Writes ``<out>/gemm.csv`` (columns in ``GEMM_COLUMNS``), rewritten atomically after each row. Out
@@ -45,8 +45,9 @@ log = logging.getLogger(__name__)
 __all__ = ["GEMM_COLUMNS", "PRECISIONS", "GemmShape", "probe_shapes", "linear_gemms", "measure_shape", "run_probe",
            "main"]
 
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "tf32": torch.float32,
-                                      "bf16": torch.bfloat16, "fp16": torch.float16}
+# The tensor-core precisions first: a probe stopped at its time limit has measured those.
+PRECISIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                                      "tf32": torch.float32, "fp32": torch.float32}
 GEMM_FILE = "gemm.csv"
 DEFAULT_SIZES = {"cuda": ((256, 1024, 2048), 2048), "cpu": ((64,), 64)}  # (widths, batch)
 

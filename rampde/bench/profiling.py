@@ -163,7 +163,7 @@ MEMCPY_KERNEL = re.compile(r"^mem(cpy|set)", re.IGNORECASE)
 MATMUL_KERNEL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|cudnn|conv(?!ert)|implicit|wgrad|dgrad|fprop|winograd"
                            r"|sm\d{2,3}_", re.IGNORECASE)
 CAST_KERNEL = re.compile(r"copy_kernel|direct_copy", re.IGNORECASE)
-ELEMENTWISE_KERNEL = re.compile(r"elementwise|pointwise|foreach|triton_poi", re.IGNORECASE)
+ELEMENTWISE_KERNEL = re.compile(r"elementwise|pointwise|foreach|multi_tensor_apply|triton_poi", re.IGNORECASE)
 REDUCTION_KERNEL = re.compile(r"reduce|reduction|triton_red|softmax", re.IGNORECASE)
 
 MATMUL_OPS = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|addbmm|matmul|linear|mv|addmv|dot|_?conv\w*|\w*convolution\w*"

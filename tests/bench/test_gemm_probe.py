@@ -18,6 +18,7 @@ def test_shapes_pair_each_width_with_its_odd_inner_dimension():
         ("fp32", 24, 16, 16), ("fp32", 24, 16, 17), ("fp32", 24, 32, 32), ("fp32", 24, 32, 33),
         ("bf16", 24, 16, 16), ("bf16", 24, 16, 17), ("bf16", 24, 32, 32), ("bf16", 24, 32, 33)]
     assert shapes[1].flops == 3 * 2 * 24 * 16 * 17
+    assert list(gemm_probe.PRECISIONS)[:2] == ["bf16", "fp16"]  # a probe cut short has the tensor-core rows
 
 
 @pytest.mark.parametrize("precision, k, expected", [

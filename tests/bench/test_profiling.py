@@ -222,6 +222,9 @@ def test_cuda_summary_from_profiler_events():
     ("Memcpy DtoD (Device -> Device)", "aten::copy_", "memcpy"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::tanh_kernel_cuda>", "aten::tanh", "elementwise"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "aten::sum", "reduction"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "TensorListMetadata<3>, at::native::(anonymous namespace)::PointwiseOpScalarListFunctor<float, 3, 3, 0>>",
+     "aten::_foreach_addcmul_", "elementwise"),
     ("void at::native::(anonymous namespace)::CatArrayBatchedCopy", "aten::cat", "other"),
 ])
 def test_kernel_categories(kernel, op, category):
