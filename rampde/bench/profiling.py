@@ -10,8 +10,8 @@ Two entry points (``python -m rampde.bench.profiling ablate|profile [options]``)
   ``cast_weights="per-use"``, ``cuda_graph=True``, ``fuse=True``), and the fast storage fused;
   for the conv workload every variant again with the conv weights and ``y0`` in
   ``torch.channels_last``. Order (``ablation_plan``): every cell's variants that need no
-  compiling, then every cell's compiled (``fuse``) ones. The timed forward+backward is the registry's (see
-  ``competitors.rampde_run``: ``y0`` a leaf, TF32 off, autocast around the solve and the loss of
+  compiling, then every cell's compiled (``fuse``) ones. The timed forward+backward is the
+  registry's (see ``competitors.rampde_run``: ``y0`` a leaf, TF32 off, autocast around the solve and the loss of
   ``y(T)``, the backward, a ``DynamicScaler`` kept across the runs in fp16); time and memory come
   from ``measure.measure_calls``, gradient errors against the fp64 run of the same scheme
   (``sweep.ReferenceCache``, computed once per cell). Out of memory is a row (``status="oom"``);
