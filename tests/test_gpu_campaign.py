@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -306,3 +307,41 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
                 seen.add("asv")
     assert seen == {"train", "run-perf", "run-quick", "ablate", "profile", "pytest-graphs", "pytest-benchmarks", "asv",
                     "gemm"}
+
+
+def _git_tree(path: Path) -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+
+    path.mkdir()
+    git("init", "-q", "-b", "main")
+    (path / "solver.py").write_text("VERSION = 1\n")
+    git("add", "solver.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    return git("rev-parse", "HEAD")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+@pytest.mark.parametrize("changed", [False, True])
+def test_restored_history_labels_a_tree_newer_than_its_bundle(tmp_path, capsys, changed):
+    """The device gets the tree without .git: the bundle gives the history back. A bundle older
+    than the tree (prepare not rerun) must not lend its commit to results of newer code."""
+    source = tmp_path / "source"
+    sha = _git_tree(source)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    stage = campaign.Stage(copy)
+    stage.dir.mkdir()
+    subprocess.run(["git", "bundle", "create", "-q", str(stage.bundle), "main"], cwd=source, check=True,
+                   capture_output=True)
+    stage.commit_file.write_text(sha + "\n")
+    (copy / "solver.py").write_text("VERSION = 2\n" if changed else "VERSION = 1\n")
+    (copy / "solver.py").chmod(0o755)  # a mode the copy may change is not a change of code
+    commit = campaign.restore_history(copy)
+    out = capsys.readouterr().out
+    assert "git history restored" in out
+    if changed:
+        assert commit == f"{sha}+modified" and "WARNING: tracked files differ" in out
+        assert campaign.child_env(copy, commit)["RAMPDE_COMMIT"] == f"{sha}+modified"
+    else:
+        assert commit == sha and "WARNING" not in out

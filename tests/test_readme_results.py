@@ -186,3 +186,8 @@ def test_ablation_and_gemm_blocks_come_from_the_perf_tables(tmp_path: Path):
     assert "| bf16 | 2048 | 2048 | 600 | 200 | 0.333 | `sm80_gemm_align2` |" in gemm
     assert "| fp32 | 2048 | 2048 | 50 | oom | — | — |" in gemm
     assert readme_results.main(["--readme", str(readme), "--check"]) == 0
+
+
+def test_short_commits_keep_the_modified_label():
+    rows = pd.DataFrame({"commit": ["0123456789abcdef+modified", "fedcba9876543210", "nan", ""]})
+    assert readme_results._commits(rows) == "0123456+modified, fedcba9"

@@ -355,7 +355,9 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def restore_history(root: Path) -> str:
     """Give a copy of the tree its git history back from the bundle (asv needs it); returns the
-    commit the tree is at, '' when neither git nor the bundle can tell."""
+    commit the tree is at, '' when neither git nor the bundle can tell, and ``<sha>+modified`` when
+    tracked files differ from that commit (a bundle older than the tree: ``prepare`` was not rerun
+    after the last commit), so that no row names a commit whose code it did not run."""
     stage = Stage(root)
     recorded = stage.commit_file.read_text().strip() if stage.commit_file.exists() else ""
     if shutil.which("git") is None:
@@ -370,7 +372,15 @@ def restore_history(root: Path) -> str:
                 return recorded
         _say(f"git history restored from {stage.bundle.relative_to(root)}")
     head = _git(root, "rev-parse", "HEAD")
-    return head.stdout.strip() if head.returncode == 0 else recorded
+    if head.returncode != 0:
+        return recorded
+    commit = head.stdout.strip()
+    # Contents only: a copy that lost the executable bits has not changed the code.
+    if _git(root, "-c", "core.fileMode=false", "diff", "--quiet", "HEAD").returncode == 1:
+        _say(f"WARNING: tracked files differ from commit {commit[:12]} (run 'gpu_campaign.py prepare' at the "
+             f"commit to measure); results are labelled {commit[:12]}+modified, asv records older commits only")
+        return f"{commit}+modified"
+    return commit
 
 
 def install_wheels(root: Path, python: str) -> None:

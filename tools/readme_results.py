@@ -54,8 +54,14 @@ def _join(values: Iterable[object]) -> str:
     return ", ".join(found) or "unknown"
 
 
+def _short_commit(commit: str) -> str:
+    """The first 7 hex digits, keeping a ``+modified`` label (the tree differed from the commit)."""
+    sha, plus, label = commit.partition("+")
+    return sha[:7] + plus + label
+
+
 def _commits(df: pd.DataFrame) -> str:
-    return _join(c[:7] for c in df["commit"].astype(str) if c and c != "nan")
+    return _join(_short_commit(c) for c in df["commit"].astype(str) if c and c != "nan")
 
 
 def provenance(df: pd.DataFrame) -> str:

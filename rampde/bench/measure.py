@@ -533,6 +533,12 @@ def git_commit(path: Path | None = None) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+def project_commit() -> str:
+    """The commit results are labelled with: ``RAMPDE_COMMIT`` when set (a copy of the tree without
+    ``.git``, or a campaign's label), else ``git_commit()``."""
+    return os.environ.get("RAMPDE_COMMIT") or git_commit()
+
+
 def environment(device: torch.device | str) -> dict[str, Any]:
     """What every result row carries about where it was measured (no host name).
 
@@ -559,7 +565,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "torchdiffeq": tde,
         "rampde": rampde.__version__,
         **current_flags(),
-        "commit": os.environ.get("RAMPDE_COMMIT") or git_commit(),
+        "commit": project_commit(),
     }
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)

@@ -211,7 +211,7 @@ def resolve_device(device: str) -> torch.device:
 
 def _environment(dev: torch.device) -> dict[str, str]:
     return {"device": dev.type, "gpu": measure.gpu_name(dev), "torch": str(torch.__version__),
-            "commit": measure.git_commit()[:12] or "unknown"}
+            "commit": measure.project_commit() or "unknown"}
 
 
 # ----------------------------------------------------------------------------- results store

@@ -274,3 +274,13 @@ def test_rng_devices_names_an_index_that_fork_rng_can_use(monkeypatch):
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         pass
     assert asked == [5, 5] and all(type(d) is int for d in asked)
+
+
+def test_training_rows_take_the_campaigns_commit_label(monkeypatch):
+    """Like the sweep's rows (``measure.environment``): ``RAMPDE_COMMIT`` first, so that a copy of
+    the tree without git, or one newer than its commit, is labelled as the campaign says."""
+    monkeypatch.setenv("RAMPDE_COMMIT", "0123456789abcdef+modified")
+    assert training._environment(torch.device("cpu"))["commit"] == "0123456789abcdef+modified"
+    monkeypatch.delenv("RAMPDE_COMMIT")
+    monkeypatch.setattr(training.measure, "git_commit", lambda path=None: "")
+    assert training._environment(torch.device("cpu"))["commit"] == "unknown"
