@@ -81,11 +81,13 @@ def test_asv_selection_names_single_cells_as_asv_writes_them():
     time_expr, peak_expr = campaign.asv_selection("cuda")
     name = "bench_solvers.MLPForwardBackward.{}('{}', {}, {})"
     assert re.search(time_expr, name.format("track_time_ms", "rampde-bf16", width, steps))
-    assert re.search(time_expr, name.format("track_time_ms", "torchdiffeq-tf32", width, steps))
+    assert re.search(time_expr, name.format("track_time_ms", "torchdiffeq-fp32", width, steps))
+    assert not re.search(time_expr, name.format("track_time_ms", "torchdiffeq-tf32", width, steps))
     assert not re.search(time_expr, name.format("track_time_ms", "rampde-bf16-fast", width, steps))
     assert not re.search(time_expr, name.format("track_time_ms", "rampde-bf16", width, steps * 2))
-    assert re.search(peak_expr, name.format("track_peak_alloc_bytes", "torchdiffeq-fp32", width, steps))
-    assert not re.search(peak_expr, name.format("track_time_ms", "torchdiffeq-fp32", width, steps))
+    assert re.search(peak_expr, name.format("track_peak_alloc_bytes", "rampde-bf16", width, steps))
+    assert not re.search(peak_expr, name.format("track_peak_alloc_bytes", "torchdiffeq-fp32", width, steps))
+    assert not re.search(peak_expr, name.format("track_time_ms", "rampde-bf16", width, steps))
 
 
 def test_run_commands_stops_a_command_at_its_limit_and_keeps_the_others(tmp_path):
