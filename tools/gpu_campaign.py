@@ -23,7 +23,8 @@ it); ``pytest`` the CUDA-graph steps' tests, then pytest-benchmark at MLP width 
 competitor and width 2048 for the main ones; ``asv`` asv history of the last three commits of
 main, a few cells each; ``ablate`` and ``profile`` where the time goes; ``gemm`` a Linear's GEMMs
 with an inner dimension of width and width + 1 (``rampde.bench.gemm_probe``: what the MLP field's
-shape costs); ``quick`` the quick suite in the time left. On a CPU (``--device cpu``) the same steps run at CPU sizes: a rehearsal of the pipeline, not a measurement.
+shape costs); ``quick`` the quick suite in the time left. On a CPU (``--device cpu``) the same
+steps run at CPU sizes: a rehearsal of the pipeline, not a measurement.
 """
 
 from __future__ import annotations

@@ -146,14 +146,15 @@ def _ablation_cell(row: dict) -> str:
 def _ablation_section(gpu: str, rows: pd.DataFrame) -> list[str]:
     """One table: a row per variant, a column per cell (time, speedup over rampde's defaults in
     the same precision and layout, peak memory)."""
-    cells = list(dict.fromkeys(f"{r['workload']} {r['width']}, {r['steps']} steps"
-                               for r in rows.to_dict("records")))
+    records = rows.to_dict("records")
+    cell_of = [f"{r['workload']} {r['width']}, {r['steps']} steps" for r in records]
     by_variant: dict[str, dict[str, str]] = {}
-    for r in rows.to_dict("records"):
-        by_variant.setdefault(r["variant"], {})[f"{r['workload']} {r['width']}, {r['steps']} steps"] = \
-            _ablation_cell(r)
+    for r, cell in zip(records, cell_of):
+        by_variant.setdefault(r["variant"], {})[cell] = _ablation_cell(r)
+    cells = list(dict.fromkeys(cell_of))
     table = [[f"`{name}`", *(values.get(c, "—") for c in cells)] for name, values in by_variant.items()]
-    return [f"**{gpu}** (commit {_commits(rows)}; median of {_join(rows['repeats'].astype('Int64').astype(str))} runs; "
+    repeats = _join(rows["repeats"].astype("Int64").astype(str))
+    return [f"**{gpu}** (commit {_commits(rows)}; median of {repeats} runs; "
             "xN: rampde's defaults in the same precision and layout / this variant):", "",
             *markdown_table(["variant", *cells], table)]
 
