@@ -19,11 +19,31 @@ Off CUDA the same bodies run eagerly on the same buffers, with no capture.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import torch
 
 log = logging.getLogger(__name__)
+
+_streams = threading.local()  # per thread: {device index: the side stream captures run on}
+
+
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream this thread captures on for ``device``, made once and reused by every solve.
+
+    cuBLAS keeps a workspace per (thread, stream); a fresh stream per solve (the forward captures
+    in the caller's thread, the backward in autograd's) would take a new one each time from the
+    pool of streams that torch cycles through. One stream per thread and device keeps it to one
+    each, and no two threads ever capture on the same stream.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    mine = getattr(_streams, "by_device", None)
+    if mine is None:
+        mine = _streams.by_device = {}
+    if index not in mine:
+        mine[index] = torch.cuda.Stream(device=index)
+    return mine[index]
 
 
 class StepReplay:
@@ -37,6 +57,7 @@ class StepReplay:
     """
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.capture = device.type == "cuda"
         self.replay: Callable[[], None] | None = None
         self.eager_steps = 0  # steps run without a graph (the capture's warm-up included)
@@ -53,8 +74,8 @@ class StepReplay:
 
     def _warm_and_capture(self, body: Callable[[], None]) -> Callable[[], None]:
         """Runs ``body`` once for real on a side stream, then records it; returns the replay."""
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
+        current = torch.cuda.current_stream(self.device)
+        side = side_stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             body()

@@ -184,13 +184,43 @@ def test_real_capture_on_cuda(monkeypatch, dtype):
     field, y0 = field.cuda(), y0.cuda()
     t = torch.linspace(0, 1, 17, device="cuda")
     results = []
-    for cuda_graph in (False, True):
+    for cuda_graph in (False, True, True):  # the second graph solve captures again on the same stream
         y = y0.clone().requires_grad_()
         with torch.autocast("cuda", dtype=dtype):
             sol = rampde.odeint(field, y, t, options={"cuda_graph": cuda_graph})
         grads = torch.autograd.grad(sol[-1].float().pow(2).mean(), [y, *field.parameters()])
         results.append((sol.detach(), grads))
-    assert [r.replay is not None and r.eager_steps for r in made] == [1, 1]
-    assert rel_err(results[1][0], results[0][0]) < 1e-6
-    for a, b in zip(results[1][1], results[0][1]):
-        assert rel_err(a, b) < 1e-5
+    assert [r.replay is not None and r.eager_steps for r in made] == [1, 1, 1, 1]
+    for graphed in results[1:]:
+        assert rel_err(graphed[0], results[0][0]) < 1e-6
+        for a, b in zip(graphed[1], results[0][1]):
+            assert rel_err(a, b) < 1e-5
+
+
+def test_each_thread_captures_on_one_side_stream_per_device(monkeypatch):
+    """Every solve of a thread reuses its stream (cuBLAS keeps a workspace per thread and stream);
+    threads never share one (two captures on one stream would record each other's kernels)."""
+    import threading
+
+    made = []
+
+    class FakeStream:
+        def __init__(self, device):
+            self.device = device
+            made.append(self)
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(step_graphs, "_streams", threading.local())
+    here = step_graphs.side_stream(torch.device("cuda"))
+    assert here.device == 1
+    assert step_graphs.side_stream(torch.device("cuda", 1)) is here
+    assert step_graphs.side_stream(torch.device("cuda")) is here
+    other_device = step_graphs.side_stream(torch.device("cuda", 0))
+    assert other_device is not here and other_device.device == 0
+    elsewhere = []
+    worker = threading.Thread(target=lambda: elsewhere.append(step_graphs.side_stream(torch.device("cuda"))))
+    worker.start()
+    worker.join()
+    assert elsewhere[0] is not here and elsewhere[0].device == 1
+    assert len(made) == 3
