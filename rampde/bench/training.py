@@ -43,7 +43,8 @@ import rampde
 from .training_tasks import TASKS, Batch, TaskData, TaskSize, TrainingTask
 
 from . import measure
-from .competitors import tf32
+from .competitors import REVERSIBLE_COUPLING, tf32
+from .reversible import reversible_solve
 from .results import atomic_write, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -86,14 +87,16 @@ class UnknownNameError(ValueError, KeyError):
 
 # ----------------------------------------------------------------------------- recipes
 
-SolveFn = Callable[..., torch.Tensor]  # (field, y0, t, *, loss_scaler=None) -> trajectory
+SolveFn = Callable[..., torch.Tensor]  # (field, y0, t, *, loss_scaler=None) -> y(t[-1])
 
 
 @dataclass(frozen=True)
 class TrainingRecipe:
     """How one competitor trains: the ODE solve, the autocast precision and the loss scaling.
 
-    ``solve(field, y0, t, loss_scaler=None)`` returns the trajectory at ``t`` (rk4, fixed grid);
+    ``solve(field, y0, t, loss_scaler=None)`` returns the state at ``t[-1]`` (rk4 or a scheme
+    built on it, on the fixed grid ``t``: the tasks need the end state only, and a reversible
+    solver keeps no other);
     the whole forward (stem, ODE block, head, loss) runs under ``torch.autocast`` with
     ``autocast_dtype`` (None: fp32, autocast explicitly off), its weight cache as
     ``autocast_cache`` says. ``grad_scaler``: a ``torch.amp.GradScaler`` on the loss;
@@ -119,12 +122,12 @@ class TrainingRecipe:
 def _torchdiffeq_solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor, loss_scaler: Any = None) -> torch.Tensor:
     """Backprop through torchdiffeq's rk4 (3/8 rule): 3s evaluation units per step, every stage's
     activations stored in the autocast precision (fp32 without autocast)."""
-    return torchdiffeq.odeint(field, y0, t, method="rk4")
+    return torchdiffeq.odeint(field, y0, t, method="rk4")[-1]
 
 
 def _rampde_solver(storage: str) -> SolveFn:
     def solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor, loss_scaler: Any = None) -> torch.Tensor:
-        return rampde.odeint(field, y0, t, method="rk4", options={"storage": storage}, loss_scaler=loss_scaler)
+        return rampde.odeint(field, y0, t, method="rk4", options={"storage": storage}, loss_scaler=loss_scaler)[-1]
 
     solve.__doc__ = f"rampde.odeint, rk4, storage={storage!r}: discrete adjoint accumulated in fp32."
     solve.__name__ = f"rampde_{storage}"
@@ -139,10 +142,16 @@ def _checkpoint_step_solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor,
                            loss_scaler: Any = None) -> torch.Tensor:
     """torchdiffeq rk4 with ``torch.utils.checkpoint`` around each step (ANODE style): the N+1
     states are stored, each step is recomputed in the backward (4s evaluation units per step)."""
-    states = [y0]
+    y = y0
     for i in range(t.shape[0] - 1):
-        states.append(checkpoint(_one_rk4_step, field, states[-1], t[i : i + 2], use_reentrant=False))
-    return torch.stack(states)
+        y = checkpoint(_one_rk4_step, field, y, t[i : i + 2], use_reentrant=False)
+    return y
+
+
+def _reversible_solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor, loss_scaler: Any = None) -> torch.Tensor:
+    """The McCallum-Foster reversible scheme over rk4 (``rampde.bench.reversible``, the registry's
+    coupling): O(1) memory, the backward rebuilds each state by exact inversion, fp32."""
+    return reversible_solve(field, y0, t, REVERSIBLE_COUPLING)
 
 
 def _recipes() -> dict[str, TrainingRecipe]:
@@ -153,6 +162,8 @@ def _recipes() -> dict[str, TrainingRecipe]:
                        description="torchdiffeq.odeint, backprop through the solver, fp32, TF32 off"),
         TrainingRecipe("checkpoint-step", "fp32", _checkpoint_step_solve,
                        description="torchdiffeq rk4 steps under per-step torch.utils.checkpoint, fp32"),
+        TrainingRecipe("reversible", "fp32", _reversible_solve,
+                       description="McCallum-Foster reversible rk4, O(1)-memory backward by inversion, fp32"),
         TrainingRecipe("autocast-fp16", "fp16", _torchdiffeq_solve, fp16, grad_scaler=True,
                        description="torchdiffeq inside torch.autocast fp16 with a GradScaler: the naive recipe"),
         TrainingRecipe("autocast-bf16", "bf16", _torchdiffeq_solve, bf16,

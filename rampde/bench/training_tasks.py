@@ -11,8 +11,8 @@ Two small neural-ODE training problems, each with a "full" and a "tiny" size:
 
 The data is the same for every seed (fixed generators); the seed only sets the initial weights
 and the data order (see ``rampde.bench.training``). Every model solves its ODE through a
-``solve(field, y0, t) -> trajectory`` callable handed in by the training recipe, so the same
-model is trained with torchdiffeq, rampde or a checkpointed solver, in any precision.
+``solve(field, y0, t) -> y(t[-1])`` callable handed in by the training recipe, so the same
+model is trained with torchdiffeq, rampde, a checkpointed or a reversible solver, in any precision.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from .workloads import CNFField, two_moons
 
-Solve = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Solve = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (field, y0, t) -> y(t[-1])
 Batch = tuple[torch.Tensor, ...]
 
 SPLIT_SEED = 0  # the digits train/test permutation, the same for every training seed
@@ -116,7 +116,7 @@ class ODEClassifier(nn.Module):
         self.register_buffer("t", torch.linspace(0.0, 1.0, steps + 1), persistent=False)
 
     def logits(self, x: torch.Tensor, solve: Solve) -> torch.Tensor:
-        y1 = solve(self.field, self.stem(x), self.t)[-1]
+        y1 = solve(self.field, self.stem(x), self.t)
         return self.head(y1).float()
 
     def loss(self, batch: Batch, solve: Solve) -> torch.Tensor:
@@ -171,7 +171,7 @@ class CNF(nn.Module):
     def log_prob(self, x: torch.Tensor, solve: Solve) -> torch.Tensor:
         """``log p(x)`` per point, fp32: ``log N(z(1)) + integral of the trace``."""
         state0 = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=-1)
-        end = solve(self.field, state0, self.t)[-1].float()
+        end = solve(self.field, state0, self.t).float()
         z, a = end[:, :2], end[:, 2]
         log_base = -0.5 * (z * z).sum(dim=-1) - math.log(2.0 * math.pi)
         return log_base - a

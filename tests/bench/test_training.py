@@ -18,6 +18,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+import torchdiffeq
 
 pytest.importorskip("sklearn")
 pytest.importorskip("plotly")
@@ -53,7 +54,7 @@ def digits_run(tmp_path_factory):
 def test_names():
     assert list(TASKS) == ["digits", "cnf"]
     for name in ("torchdiffeq-fp32", "autocast-fp16", "autocast-bf16", "rampde-fp16", "rampde-bf16",
-                 "rampde-fp32", "checkpoint-step"):
+                 "rampde-fp32", "checkpoint-step", "reversible"):
         assert name in TRAINING_RECIPES
     assert TRAINING_RECIPES["rampde-fp16"].grad_scaler and TRAINING_RECIPES["rampde-fp16"].adjoint_scaler
     assert TRAINING_RECIPES["autocast-fp16"].grad_scaler and not TRAINING_RECIPES["autocast-fp16"].adjoint_scaler
@@ -284,3 +285,25 @@ def test_training_rows_take_the_campaigns_commit_label(monkeypatch):
     monkeypatch.delenv("RAMPDE_COMMIT")
     monkeypatch.setattr(training.measure, "git_commit", lambda path=None: "")
     assert training._environment(torch.device("cpu"))["commit"] == "unknown"
+
+
+def test_every_fp32_recipe_solves_to_the_end_state_of_rk4():
+    """A recipe's solve gives y(t[-1]): the same rk4 (3/8 rule) end state for the fp32 recipes; the
+    reversible scheme's first step is exactly one rk4 step (its second state starts equal to y0),
+    and over several steps it stays within its coupling's drift of rk4."""
+    from rampde.bench.workloads import MLPField
+
+    torch.manual_seed(0)
+    field = MLPField(8).double()
+    y0 = torch.randn(4, 8, dtype=torch.float64)
+    for t in (torch.tensor([0.0, 0.5], dtype=torch.float64), torch.linspace(0, 1, 9, dtype=torch.float64)):
+        rk4 = torchdiffeq.odeint(field, y0, t, method="rk4")[-1]
+        for name in ("torchdiffeq-fp32", "rampde-fp32", "checkpoint-step"):
+            end = TRAINING_RECIPES[name].solve(field, y0, t)
+            assert end.shape == y0.shape and torch.allclose(end, rk4, rtol=0, atol=1e-12), name
+        reversible = TRAINING_RECIPES["reversible"].solve(field, y0, t)
+        assert reversible.shape == y0.shape
+        if len(t) == 2:
+            assert torch.allclose(reversible, rk4, rtol=0, atol=1e-12)
+        else:
+            assert 0 < (reversible - rk4).abs().max() < 1e-3
