@@ -261,7 +261,7 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
     parser (and the grid planning) of the program it runs, without running it."""
     import argparse
 
-    from rampde.bench import cli, gemm_probe, profiling, training
+    from rampde.bench import cli, profiling, training
 
     ctx = campaign.Context(PY, "cuda", "nvidia-h200")
     seen = set()
@@ -280,12 +280,11 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
                 seen.add(f"run-{suite.name}")
             elif args[:2] == ["-m", "rampde.bench.profiling"]:
                 parsed = profiling.build_parser().parse_args(args[2:])
-                assert profiling._cells(parsed, torch.device("cuda"), profiling.DEFAULT_WORKLOADS)
+                if parsed.command == "gemm":
+                    assert parsed.device == "cuda" and parsed.out == "reports/nvidia-h200/perf"
+                else:
+                    assert profiling._cells(parsed, torch.device("cuda"), profiling.DEFAULT_WORKLOADS)
                 seen.add(parsed.command)
-            elif args[:2] == ["-m", "rampde.bench.gemm_probe"]:
-                parsed = gemm_probe.build_parser().parse_args(args[2:])
-                assert parsed.device == "cuda" and parsed.out == "reports/nvidia-h200/perf"
-                seen.add("gemm")
             elif args[:2] == ["-m", "pytest"]:
                 # pytest's own parser: collect only, with the same arguments. A usage error exits
                 # with 4; 5 is "nothing collected" (the benchmarks' grid is the CPU's here).

@@ -223,7 +223,7 @@ STEPS: tuple[Step, ...] = (
                                    "--device", c.device]]),
     Step("profile", 30, lambda c: [[c.python, "-m", "rampde.bench.profiling", "profile", "--out",
                                     f"{c.reports}/perf", "--device", c.device]]),
-    Step("gemm", 20, lambda c: [[c.python, "-m", "rampde.bench.gemm_probe", "--out", f"{c.reports}/perf",
+    Step("gemm", 20, lambda c: [[c.python, "-m", "rampde.bench.profiling", "gemm", "--out", f"{c.reports}/perf",
                                  "--device", c.device]]),
     Step("quick", None, lambda c: [_bench(c, "run", "--suite", "quick", "--out", c.reports)]),
 )

@@ -15,9 +15,9 @@ triples into preallocated outputs (``measure.time_runs``: CUDA events on a GPU);
 triple. On a GPU the probe also names the kernel that took the most device time
 (``torch.profiler``), which is where cuBLAS's choice shows.
 
-    python -m rampde.bench.gemm_probe [--out DIR] [--device auto] [--widths 256 1024 2048]
-                                      [--batch 2048] [--precisions bf16 fp16 tf32 fp32]
-                                      [--repeats 5] [--inner 10]
+    python -m rampde.bench.profiling gemm [--out DIR] [--device auto] [--widths 256 1024 2048]
+                                          [--batch 2048] [--precisions bf16 fp16 tf32 fp32]
+                                          [--repeats 5] [--inner 10]
 
 Writes ``<out>/gemm.csv`` (columns in ``GEMM_COLUMNS``), rewritten atomically after each row. Out
 of memory is a row (``status="oom"``); TF32 on the CPU is a row with ``status="unsupported"``.
@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -43,7 +42,7 @@ from .sweep import _message, _now, free_memory, is_oom
 log = logging.getLogger(__name__)
 
 __all__ = ["GEMM_COLUMNS", "PRECISIONS", "GemmShape", "probe_shapes", "linear_gemms", "measure_shape", "run_probe",
-           "main"]
+           "add_arguments", "cmd_gemm"]
 
 # The tensor-core precisions first: a probe stopped at its time limit has measured those.
 PRECISIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
@@ -226,12 +225,11 @@ def run_probe(shapes: Sequence[GemmShape], out_dir: Path, *, device: str | torch
 
 
 # ----------------------------------------------------------------------------- command line
+# ``python -m rampde.bench.profiling gemm``: the parser and the console come from there.
 
-PROG = "python -m rampde.bench.gemm_probe"
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Time a Linear's GEMMs with k = width and width + 1.")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``gemm`` subcommand's options."""
     parser.add_argument("--widths", nargs="+", metavar="N", help="output features n (default 256 1024 2048 on "
                                                                  "a GPU, 64 on the CPU)")
     parser.add_argument("--batch", metavar="M", help="rows m (default 2048 on a GPU, 64 on the CPU)")
@@ -241,40 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda or cuda:N")
     parser.add_argument("--out", help="folder of gemm.csv (default reports/<gpu-model>/perf on a GPU, "
                                       "reports/quick/cpu/perf on the CPU)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each row; -vv: debug")
+    parser.add_argument("--threads", metavar="N", help="torch CPU threads (torch.set_num_threads); default torch's")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rampde.bench.gemm_probe``; returns the exit code (2 for a bad value)."""
+def cmd_gemm(args: argparse.Namespace) -> int:
+    """Runs the probe for ``profiling gemm``; ``UsageError`` for a bad value; the exit code."""
     from rich.markup import escape
 
-    from .cli import UsageError, _console, _device, _ints, _items, _logging_to, _one_int
-    from .profiling import _default_out
+    from .cli import UsageError, _device, _ints, _items, _one_int
+    from .profiling import PROG, _default_out
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    err = _console(stderr=True)
-    try:
-        device = _device(args.device)
-        widths_default, batch_default = DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"]
-        widths = _ints("--widths", args.widths) or list(widths_default)
-        batch = _one_int("--batch", args.batch, 1) or batch_default
-        precisions = _items(args.precisions) or list(PRECISIONS)
-        unknown = [p for p in precisions if p not in PRECISIONS]
-        if unknown:
-            raise UsageError(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
-        repeats = _one_int("--repeats", args.repeats, 1) or 5
-        inner = _one_int("--inner", args.inner, 1) or 10
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    device = _device(args.device)
+    widths_default, batch_default = DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"]
+    widths = _ints("--widths", args.widths) or list(widths_default)
+    batch = _one_int("--batch", args.batch, 1) or batch_default
+    precisions = _items(args.precisions) or list(PRECISIONS)
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise UsageError(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
+    repeats = _one_int("--repeats", args.repeats, 1) or 5
+    inner = _one_int("--inner", args.inner, 1) or 10
     out = Path(args.out) if args.out else _default_out(device)
     shapes = probe_shapes(widths, batch, list(dict.fromkeys(precisions)))
-    err.print(f"[bold]{PROG}[/]: {len(shapes)} shapes on {measure.gpu_name(device)} ({device}) -> "
+    err = args.console
+    err.print(f"[bold]{PROG} gemm[/]: {len(shapes)} shapes on {measure.gpu_name(device)} ({device}) -> "
               f"{escape(str(out / GEMM_FILE))}", highlight=False)
 
     def progress(done: int, total: int, shape: GemmShape, row: dict | None) -> None:
@@ -284,14 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else f"[yellow]{row['status']}[/] {escape(str(row['message'])[:160])}")
         err.print(f"  [{done}/{total}] {escape(shape.label())}: {what}", highlight=False)
 
-    with _logging_to(err, args.verbose):
-        try:
-            table = run_probe(shapes, out, device=device, inner=inner, repeats=repeats, progress=progress)
-        except KeyboardInterrupt:
-            err.print(f"interrupted: the finished rows are in {escape(str(out / GEMM_FILE))}", highlight=False)
-            return 130
+    try:
+        table = run_probe(shapes, out, device=device, inner=inner, repeats=repeats, progress=progress)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: the finished rows are in {escape(str(out / GEMM_FILE))}", highlight=False)
+        return 130
     return 1 if (table["status"] == "error").any() else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

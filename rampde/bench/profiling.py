@@ -1,6 +1,7 @@
-"""Where the time of a forward+backward goes: an ablation of rampde's options, and profiler tables.
+"""Where the time of a forward+backward goes: an ablation of rampde's options, profiler tables,
+and the GEMM probe.
 
-Two entry points (``python -m rampde.bench.profiling ablate|profile [options]``):
+Three entry points (``python -m rampde.bench.profiling ablate|profile|gemm [options]``):
 
 - ``ablate``: one row per (cell, variant) in ``<out>/ablation.csv`` (columns in
   ``ABLATION_COLUMNS``), rewritten atomically after each row; the environment in
@@ -23,6 +24,8 @@ Two entry points (``python -m rampde.bench.profiling ablate|profile [options]``)
   every figure per forward+backward); ``<out>/profile/summary.json`` the totals per category, the
   kernel launches, the host-device synchronisations and how busy the GPU was (``SUMMARY_KEYS``);
   ``<out>/profile/environment.json`` the environment; with ``--trace`` a chrome trace each.
+- ``gemm``: a Linear's three GEMMs with inner dimension width and width + 1, per precision, into
+  ``<out>/gemm.csv`` (``rampde.bench.gemm_probe``).
 
 Categories are found by name (the patterns below): on CUDA each kernel, memcpy or memset by its
 own name and the name of the aten op that launched it (the profiler links the two), summing device
@@ -810,9 +813,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Ablate rampde's options; profile competitors.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Ablate rampde's options; profile competitors; "
+                                                               "probe GEMM throughput.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: log each row; -vv: debug")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,profile}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{ablate,profile,gemm}")
 
     ablate = sub.add_parser("ablate", help="time, memory and gradient error of rampde variants per cell")
     _common(ablate)
@@ -832,6 +836,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--trace", action="store_true", help="also write a chrome trace per competitor")
     profile.add_argument("--channels-last", action="store_true", help="conv weights and y0 in channels_last")
     profile.set_defaults(func=cmd_profile)
+
+    from . import gemm_probe
+
+    gemm = sub.add_parser("gemm", help="a Linear's GEMMs with inner dimension width and width + 1, per precision")
+    gemm_probe.add_arguments(gemm).set_defaults(func=gemm_probe.cmd_gemm)
     return parser
 
 

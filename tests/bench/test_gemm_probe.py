@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rampde.bench import gemm_probe
+from rampde.bench import gemm_probe, profiling
 from rampde.bench.gemm_probe import GEMM_COLUMNS, GemmShape, linear_gemms, probe_shapes, run_probe
 
 
@@ -99,7 +99,7 @@ def test_bad_inner_is_refused(tmp_path):
 
 
 def test_command_line_runs_and_prints_each_row(tmp_path, capsys):
-    code = gemm_probe.main(["--device", "cpu", "--widths", "16", "--batch", "8", "--precisions", "fp16",
+    code = profiling.main(["gemm", "--device", "cpu", "--widths", "16", "--batch", "8", "--precisions", "fp16",
                             "--repeats", "1", "--inner", "1", "--out", str(tmp_path)])
     assert code == 0
     err = capsys.readouterr().err
@@ -114,6 +114,6 @@ def test_command_line_runs_and_prints_each_row(tmp_path, capsys):
     (["--device", "tpu"], "--device:"),
 ])
 def test_bad_command_line_values_name_the_option(args, message, tmp_path, capsys):
-    assert gemm_probe.main([*args, "--out", str(tmp_path)]) == 2
+    assert profiling.main(["gemm", *args, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "gemm.csv").exists()
