@@ -37,7 +37,7 @@ import torch
 
 from . import measure
 from .results import write_csv_atomic
-from .sweep import _message, _now, free_memory, is_oom
+from .sweep import _now, failure_columns, free_memory
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,19 @@ def _top_kernel(call: Callable[[], None], device: torch.device) -> str:
     return max(kernels)[1] if kernels else ""
 
 
+def _shape_row(shape: GemmShape, inner: int, repeats: int) -> dict[str, Any]:
+    """A row's columns that describe what was (or was to be) measured; the figures NaN."""
+    row: dict[str, Any] = {c: math.nan for c in GEMM_COLUMNS}
+    row.update(precision=shape.precision, m=shape.m, n=shape.n, k=shape.k,
+               row_alignment_bytes=shape.row_alignment(), inner=inner, repeats=repeats)
+    return row
+
+
 def measure_shape(shape: GemmShape, device: torch.device, *, inner: int = 10, repeats: int = 5,
                   warmup: int = 2, seed: int = 0) -> dict[str, Any]:
     """One row of ``GEMM_COLUMNS`` for ``shape`` (without the environment, ``vs_aligned`` NaN)."""
-    row: dict[str, Any] = {"precision": shape.precision, "m": shape.m, "n": shape.n, "k": shape.k,
-                           "row_alignment_bytes": shape.row_alignment(), "inner": inner, "repeats": repeats,
-                           "time_us_median": math.nan, "time_us_q25": math.nan, "time_us_q75": math.nan,
-                           "tflops": math.nan, "fraction_of_fp16_peak": math.nan, "vs_aligned": math.nan,
-                           "top_kernel": "", "status": "ok", "message": ""}
+    row = _shape_row(shape, inner, repeats)
+    row.update(top_kernel="", status="ok", message="")
     if shape.precision == "tf32" and device.type != "cuda":
         row.update(status="unsupported", message="TF32 is a CUDA matmul mode; the CPU has none")
         return row
@@ -178,9 +183,9 @@ def measure_shape(shape: GemmShape, device: torch.device, *, inner: int = 10, re
 
 def _add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
     """``fraction_of_fp16_peak`` of every row, and ``vs_aligned`` where the k = n row exists."""
-    aligned = {(r["precision"], r["m"], r["n"]): r.get("tflops", math.nan) for r in rows if r["k"] == r["n"]}
+    aligned = {(r["precision"], r["m"], r["n"]): r["tflops"] for r in rows if r["k"] == r["n"]}
     for r in rows:
-        tflops = r.get("tflops", math.nan)
+        tflops = r["tflops"]
         r["fraction_of_fp16_peak"] = tflops / peak_tflops if peak_tflops > 0 else math.nan
         reference = aligned.get((r["precision"], r["m"], r["n"]), math.nan)
         r["vs_aligned"] = tflops / reference if reference > 0 else math.nan
@@ -206,16 +211,12 @@ def run_probe(shapes: Sequence[GemmShape], out_dir: Path, *, device: str | torch
         try:
             row = measure_shape(shape, device, inner=inner, repeats=repeats, warmup=warmup, seed=seed)
         except Exception as exc:
-            row = {"precision": shape.precision, "m": shape.m, "n": shape.n, "k": shape.k,
-                   "row_alignment_bytes": shape.row_alignment(), "inner": inner, "repeats": repeats}
-            if is_oom(exc):
-                row.update(status="oom", message=_message(exc))
-            else:
-                row.update(status="error", message=f"{type(exc).__name__}: {_message(exc)}")
+            row = {**_shape_row(shape, inner, repeats), **failure_columns(exc)}
+            if row["status"] == "error":
                 log.exception("GEMM probe %s failed", shape.label())
         free_memory()
-        rows.append({"gpu": env["gpu"], "device": env["device"], **row, "commit": env.get("commit", ""),
-                     "timestamp": _now()})
+        row.update(gpu=env["gpu"], device=env["device"], commit=env.get("commit", ""), timestamp=_now())
+        rows.append(row)
         _add_ratios(rows, peak)
         table = pd.DataFrame(rows, columns=list(GEMM_COLUMNS))
         write_csv_atomic(table, path)
