@@ -496,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A Ctrl-C outside a command's own handler (while it prints its tables, say). Every file the
+# commands write is replaced atomically, so what exists is complete.
+INTERRUPTED = "interrupted; every results file written so far is complete"
+
+
 def _command_index(argv: Sequence[str]) -> int | None:
     """Where the sub-command stands in ``argv`` (after the global options)."""
     for i, arg in enumerate(argv):
@@ -515,13 +520,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     args.console = _console(stderr=True)
     with _logging_to(args.console, args.verbose):
-        if args.command == "train":
-            return _train(argv[at + 1:])
         try:
+            if args.command == "train":
+                return _train(argv[at + 1:])
             return int(args.func(args) or 0)
         except UsageError as exc:
             print(f"rampde-bench: error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # after the work (or before it began): each file is whole or absent
+            print(f"rampde-bench: {INTERRUPTED}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

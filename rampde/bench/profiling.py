@@ -846,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m rampde.bench.profiling``; returns the exit code (2 for a bad value)."""
-    from .cli import UsageError, _console, _logging_to, _one_int
+    from .cli import INTERRUPTED, UsageError, _console, _logging_to, _one_int
 
     parser = build_parser()
     try:
@@ -868,6 +868,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
+            return 130
     log.debug("%s took %.1f s", args.command, time.perf_counter() - started)
     return code
 

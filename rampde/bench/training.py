@@ -704,14 +704,14 @@ def main_train(args: argparse.Namespace) -> int:
 
                 frames.append(run_training(task, competitors, epochs=epochs, out=args.out, device=args.device,
                                            seed=args.seed, size=args.size, progress=on_event))
-    except KeyboardInterrupt:
+        for table in _format_tables(parity_table(pd.concat(frames, ignore_index=True))):
+            console.print(table)
+    except KeyboardInterrupt:  # in a run or after them: every epoch written so far is whole
         err.print(f"interrupted; rerun the same command to resume from {args.out}")
         return 130
     except ValueError as exc:  # e.g. an out folder holding a run with other settings
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
-    for table in _format_tables(parity_table(pd.concat(frames, ignore_index=True))):
-        console.print(table)
     console.print(f"results: {Path(args.out) / CSV_NAME}")
     return 0
 

@@ -86,6 +86,17 @@ def test_interrupted_run_exits_130(tmp_path, monkeypatch, capsys):
     assert "run the same command to resume" in capsys.readouterr().err
 
 
+def test_run_interrupted_after_its_cells_exits_130_with_the_results_whole(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_print_claims", interrupted)  # Ctrl-C while the claims print
+    assert main([*TINY_RUN, "--out", str(tmp_path)]) == 130
+    assert cli.INTERRUPTED in capsys.readouterr().err
+    table = read_results(tmp_path / "results.csv")
+    assert len(table) == 2 and set(table["status"]) == {"ok"}
+
+
 def _plan(*argv: str):
     args = cli.build_parser().parse_args(["run", *argv])
     return cli._plan(args, torch.device("cpu"))

@@ -241,6 +241,21 @@ def test_cli_resumes_and_prints_the_table(digits_run, capsys):
     assert "digits: test accuracy after 2 epochs" in text and "autocast-fp16" in text
 
 
+def test_cli_interrupted_while_printing_exits_130_with_the_results_whole(digits_run, capsys, monkeypatch):
+    out, _, _ = digits_run
+    before = (out / "training.csv").read_bytes()
+
+    def interrupted(table):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_format_tables", interrupted)
+    args = _parse("--task", "digits", "--competitors", ",".join(DIGITS_COMPETITORS), "--epochs", "2",
+                  "--out", str(out), "--device", "cpu", "--size", "tiny")
+    assert main_train(args) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert (out / "training.csv").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
