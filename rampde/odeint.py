@@ -296,8 +296,7 @@ def _call(func: Callable[..., State], cast: WeightCast | None, t: torch.Tensor, 
     if weights is None or cast is None:
         return func(t, y)
     try:
-        with cast.installed(weights):
-            return func(t, y)
+        return cast.call(func, weights, t, y)
     except RuntimeError as exc:
         if not any(sign in str(exc).lower() for sign in _DTYPE_MISMATCH):
             raise
