@@ -1,0 +1,158 @@
+"""The HTML tables of a GPU model's tab: claims, performance targets, environments, failed cells
+and the training parity table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .schema import ENV_COLUMNS
+from .style import _esc, _finite, _fmt, cell_label, competitor_order
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw`` (then they are trusted HTML)."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(c if raw else f"<td>{_esc(c)}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _claim_value(claim: str, value: float, against: float) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    if claim == "accuracy":
+        return f"{100 * value:.3g}% (naive {_fmt(100 * against, 3)}%)"
+    return f"{value:.3g}×"
+
+
+def claims_html(claims: pd.DataFrame, colours: dict[str, str]) -> str:
+    """The claims table of one GPU: verdict, best and worst cell for each claim."""
+    if claims.empty:
+        return (
+            '<p class="empty">No claims to judge: these results hold no <code>rampde-*</code> '
+            "competitor.</p>"
+        )
+    rows = []
+    records = claims.to_dict("records")
+    group_size = claims.groupby("competitor", sort=False).size().to_dict()
+    for i, r in enumerate(records):
+        held = r["held"]
+        verdict, css = (
+            ("held", "held") if held is True else
+            ("not held", "not-held") if held is False else
+            ("reported" if r["claim"] == "speedup_tf32" and r["n_cells"] else "no verdict",
+             "no-verdict")
+        )  # fmt: skip
+        note = f"<br><small>{_esc(r['note'])}</small>" if r["note"] else ""
+        colour = colours.get(r["competitor"], "#777")
+        swatch = f'<span class="swatch" style="background:{colour}"></span>'
+        first = i == 0 or records[i - 1]["competitor"] != r["competitor"]
+        best = _claim_value(r["claim"], r["best"], r["best_against"])
+        worst = _claim_value(r["claim"], r["worst"], r["worst_against"])
+        meeting = r["n_meeting"] if r["claim"] != "speedup_tf32" else "—"
+        rows.append([
+            f'<td class="name" rowspan="{group_size[r["competitor"]]}">{swatch}'
+            f"{_esc(r['competitor'])}</td>" if first else "",
+            f'<td class="claim">{_esc(r["claim_text"])}<br><small>{_esc(r["rule"])}</small></td>',
+            f'<td class="name">{_esc(r["against"])}</td>',
+            f'<td class="{css}">{verdict}{note}</td>',
+            f'<td class="value"><b>{best}</b><br><small>{_esc(r["best_cell"])}</small></td>',
+            f'<td class="value"><b>{worst}</b><br><small>{_esc(r["worst_cell"])}</small></td>',
+            f'<td class="num">{meeting} / {r["n_cells"]}</td>',
+        ])  # fmt: skip
+    header = ["competitor", "claim", "against", "verdict", "best (its cell)", "worst (its cell)",
+              "cells meeting"]  # fmt: skip
+    return f'<div class="scroll">{_table(header, rows, raw=True)}</div>'
+
+
+def _short_path(path: str) -> str:
+    """``…/<folder>/<file>``: enough to tell the results files apart."""
+    parts = Path(path).parts
+    return str(Path(*parts[-2:])) if len(parts) > 2 else path
+
+
+def _or_dash(value: object) -> str:
+    return str(value) if str(value) else "—"
+
+
+def env_html(results: pd.DataFrame) -> str:
+    """The environments the results were measured in, with their competitors, rows and dates."""
+    cols = [c for c in ENV_COLUMNS if c != "gpu"]
+    rows = []
+    for key, part in results.groupby(cols + ["source"], dropna=False, sort=True):
+        env = dict(zip(cols, map(_or_dash, key)))
+        stamps = sorted(t for t in part["timestamp"] if t)
+        when = "—" if not stamps else stamps[0] if stamps[0] == stamps[-1] else (
+            f"{stamps[0]} … {stamps[-1]}")  # fmt: skip
+        rows.append([
+            f"{env['device']} (compute capability {env['compute_capability']})",
+            f"driver {env['driver']}, CUDA {env['cuda']}",
+            f"torch {env['torch']}, torchdiffeq {env['torchdiffeq']}, rampde {env['rampde']}",
+            f"TF32 matmul {env['tf32']}, cuDNN TF32 {env['cudnn_tf32']}, "
+            f"cuDNN benchmark {env['cudnn_benchmark']}",
+            env["commit"], _short_path(str(key[-1])),
+            ", ".join(competitor_order(part["competitor"])), str(len(part)), when,
+        ])  # fmt: skip
+    header = ["device", "driver, CUDA", "versions", "TF32 and cuDNN", "commit", "results file",
+              "competitors", "rows", "measured"]  # fmt: skip
+    return f'<div class="scroll">{_table(header, rows)}</div>'
+
+
+def _status_summary(results: pd.DataFrame) -> str:
+    counts = results["status"].value_counts()
+    parts = [f"{int(n)} {s}" for s, n in counts.items()]
+    return f"{len(results)} cells: " + ", ".join(parts)
+
+
+def _failures_html(results: pd.DataFrame) -> str:
+    bad = results[results["status"] != "ok"]
+    if bad.empty:
+        return ""
+    rows = [[r["competitor"], cell_label(r), r["status"], r["message"][:200]]
+            for r in bad.to_dict("records")]  # fmt: skip
+    table = _table(["competitor", "cell", "status", "message"], rows)
+    what = "1 cell did" if len(bad) == 1 else f"{len(bad)} cells did"
+    return f"<details><summary>{what} not run to completion</summary>{table}</details>"
+
+
+def _parity_html(table: pd.DataFrame) -> str:
+    """The final test metric of each training run against torchdiffeq-fp32's."""
+    rows = [[
+        r["task"], r["competitor"], f"{r['metric_name']} {_fmt(r['final_metric'])}",
+        _fmt(r["delta_vs_fp32"]), _fmt(r["wall_s"]),
+        f"{r['peak_mem_bytes'] / 2**20:.4g}" if _finite(r["peak_mem_bytes"]) else "—",
+        _fmt(r["skipped_steps"]), _fmt(r["scaler_retries"]), _fmt(r["epochs"]), _fmt(r["seeds"]),
+    ] for r in table.to_dict("records")]  # fmt: skip
+    header = ["task", "competitor", "final test metric", "Δ vs torchdiffeq-fp32", "wall (s)",
+              "peak (MiB)", "skipped steps", "adjoint retries", "epochs", "seeds"]  # fmt: skip
+    return f'<div class="scroll">{_table(header, rows)}</div>'
+
+
+def targets_html(summary: pd.DataFrame) -> str:
+    """Issue 8's targets on one GPU: one row per target (``targets.targets_summary``), marked met,
+    missed or not measured, with the figure furthest from its threshold and that figure's cell."""
+    from rampde.bench.targets import format_value
+
+    if summary.empty:
+        return '<p class="empty">No target could be judged: no results for this GPU.</p>'
+    css = {"met": "held", "missed": "not-held", "not measured": "no-verdict"}
+    rows = []
+    for r in summary.to_dict("records"):
+        worst = format_value(r["target"], r["worst"])
+        where = f"<br><small>{_esc(r['worst_competitor'])}, {_esc(r['worst_cell'])}</small>" if (
+            r["worst_competitor"]) else ""  # fmt: skip
+        note = f"<br><small>{_esc(r['note'])}</small>" if r["note"] else ""
+        rows.append([
+            f'<td class="claim">{_esc(r["description"])}<br><small>{_esc(r["target"])}</small></td>',
+            f'<td class="{css[r["status"]]}">{_esc(r["status"])}{note}</td>',
+            f'<td class="value"><b>{_esc(worst)}</b>{where}</td>',
+            f'<td class="num">{_esc(r["comparison"])} {_esc(format_value(r["target"], r["threshold"]))}</td>',
+            f'<td class="num">{r["met_cells"]} / {r["missed_cells"]} / {r["unmeasured_cells"]}</td>',
+        ])  # fmt: skip
+    header = ["target", "verdict", "worst measured (its cell)", "needs", "met / missed / not measured"]
+    return f'<div class="scroll targets">{_table(header, rows, raw=True)}</div>'
