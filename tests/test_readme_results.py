@@ -133,6 +133,18 @@ def test_the_repository_readme_matches_its_committed_results():
     assert readme_results.stale_blocks(ROOT / "README.md", ROOT) == [], "run python tools/readme_results.py"
 
 
+def test_the_readme_counts_the_registered_competitors():
+    import re
+
+    from rampde.bench.competitors import list_competitors
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+             "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+    said = re.search(r"^(\w+) competitors, one registry", (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert said, "the README's Benchmarks section no longer says how many competitors there are"
+    assert said.group(1).lower() == words[len(list_competitors())]
+
+
 def _perf_rows(tmp_path: Path) -> None:
     """An ablation and a GEMM probe table as the tools write them: a GPU and a CPU row each."""
     from rampde.bench.gemm_probe import GEMM_COLUMNS
