@@ -18,3 +18,12 @@ def mlp_field():
         return MLPField(width).to(dtype)
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny cells on a shared machine run far faster than with several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,7 @@ TINY = ["--device", "cpu", "--widths", "8", "--batch", "8", "--steps", "2", "--t
 MLP = PerfCell("mlp", 8, 8, 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: tiny cells on a shared machine run far faster than with several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(table: pd.DataFrame) -> dict[str, pd.Series]:
