@@ -1,33 +1,26 @@
 """rampde.bench.measure on the CPU: timing statistics, the measured call, precision flags, gradient
-error, TFLOP/s, the NVML sampler without NVML and with a fake device, and the environment."""
+error, TFLOP/s, and the names it re-exports from nvml, gpu_peaks and environment."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import math
-import socket
-import sys
 import time
-import types
 
 import pytest
 import torch
 
-from rampde.bench import measure
+from rampde.bench import environment, gpu_peaks, measure, notices, nvml
 from rampde.bench.competitors import RunOutput
 
 CPU = torch.device("cpu")
-ENV_COLUMNS = ["gpu", "device", "compute_capability", "driver", "cuda", "torch", "torchdiffeq", "rampde", "tf32",
-               "cudnn_tf32", "cudnn_benchmark", "commit"]
 
 
 @pytest.fixture
-def fresh_nvml(monkeypatch):
-    """Forget any NVML initialisation and every 'said once' message of earlier tests."""
-    monkeypatch.setattr(measure, "_nvml_module", measure._UNSET)
-    monkeypatch.setattr(measure, "_nvml_warned", False)
-    monkeypatch.setattr(measure, "_said", set())
+def fresh_notices(monkeypatch):
+    """Forget every 'said once' message of earlier tests."""
+    monkeypatch.setattr(notices, "_said", set())
 
 
 # ----------------------------------------------------------------------------- time
@@ -59,7 +52,7 @@ def test_time_runs_warms_up_then_times_each_repeat():
             measure.time_runs(work, CPU, repeats=repeats, warmup=warmup)
 
 
-def test_measure_calls_on_the_cpu_keeps_the_last_output(fresh_nvml, caplog):
+def test_measure_calls_on_the_cpu_keeps_the_last_output(fresh_notices, caplog):
     counter = itertools.count()
     field = torch.nn.Linear(2, 2)
 
@@ -78,6 +71,7 @@ def test_measure_calls_on_the_cpu_keeps_the_last_output(fresh_nvml, caplog):
     assert {"time_ms_median", "peak_mem_bytes", "energy_j", "tf32"} <= set(columns)
     said = [r for r in caplog.records if "no CUDA device" in r.getMessage()]
     assert len(said) == 1, "the absence of a GPU is said once"
+    assert said[0].name == "rampde.bench.measure", "the logger of before the split"
 
 
 def test_peak_memory_is_nan_off_cuda():
@@ -147,131 +141,18 @@ def test_useful_flops_and_tflops():
     assert measure.STAGES["rk4"] == 4
 
 
-# ----------------------------------------------------------------------------- NVML
+
+# ----------------------------------------------------------------------------- re-exported names
 
 
-def test_nvml_absent(monkeypatch, fresh_nvml, caplog):
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    with caplog.at_level(logging.WARNING, logger="rampde.bench.measure"):
-        assert measure._nvml() is None
-        assert measure._nvml() is None
-        with measure.NvmlSampler("cuda", period_s=0.001) as sampler:
-            time.sleep(0.005)
-    assert not sampler.active and sampler.timeline == []
-    assert all(math.isnan(v) for v in sampler.summary(calls=3).values())
-    said = [r for r in caplog.records if "NVML unavailable" in r.getMessage()]
-    assert len(said) == 1 and "nvidia-ml-py is not installed" in said[0].getMessage()
-
-
-def test_nvml_sampler_off_cuda_records_nothing(fresh_nvml):
-    with measure.NvmlSampler(CPU) as sampler:
-        pass
-    assert sampler.timeline == [] and math.isnan(sampler.summary()["energy_j"])
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch, fresh_nvml):
-    """pynvml's functions answering for one fake device with canned, increasing values."""
-    pynvml = pytest.importorskip("pynvml")
-    memory = itertools.count(start=1 * 2**30, step=2**20)  # +1 MiB per sample
-    energy = iter([5_000_000, 5_900_000])  # mJ at entry and exit: 900 J
-    calls = {"init": 0, "memory": 0}
-
-    def init():
-        calls["init"] += 1
-
-    def memory_info(handle):
-        assert handle == "fake-handle"
-        calls["memory"] += 1
-        return types.SimpleNamespace(used=next(memory), total=80 * 2**30)
-
-    def by_uuid(uuid):
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
-
-    for name, fn in {
-        "nvmlInit": init,
-        "nvmlDeviceGetHandleByUUID": by_uuid,
-        "nvmlDeviceGetHandleByIndex": lambda index: "fake-handle",
-        "nvmlDeviceGetMemoryInfo": memory_info,
-        "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(gpu=80, memory=40),
-        "nvmlDeviceGetPowerUsage": lambda h: 350_000,  # mW
-        "nvmlDeviceGetTotalEnergyConsumption": lambda h: next(energy),
-        "nvmlSystemGetDriverVersion": lambda: "570.86.15",
-    }.items():
-        monkeypatch.setattr(pynvml, name, fn)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    return calls
-
-
-def test_nvml_sampler_with_a_fake_device(fake_gpu):
-    with measure.NvmlSampler("cuda", period_s=0.005) as sampler:
-        time.sleep(0.06)
-    assert sampler.active and fake_gpu["init"] == 1
-    timeline = sampler.timeline
-    assert len(timeline) >= 3, "one sample at entry, some on the way, one at exit"
-    assert len(timeline) == fake_gpu["memory"]
-    assert [s["t_s"] for s in timeline] == sorted(s["t_s"] for s in timeline)
-    assert timeline[0]["t_s"] >= 0 and timeline[-1]["t_s"] >= 0.05
-    assert timeline[0] | {"t_s": 0} == {"t_s": 0, "mem_used_bytes": float(2**30), "gpu_util_pct": 80.0,
-                                        "power_w": 350.0}
-    summary = sampler.summary(calls=3)
-    assert summary["nvml_mem_peak_bytes"] == 2**30 + (len(timeline) - 1) * 2**20
-    assert summary["gpu_util_mean_pct"] == 80.0 and summary["power_mean_w"] == 350.0
-    assert summary["energy_j"] == pytest.approx(300.0), "900 J over 3 calls"
-    measure._nvml()
-    assert fake_gpu["init"] == 1, "NVML is initialised once per process"
-
-
-def test_nvml_without_an_energy_counter(fake_gpu, monkeypatch):
-    import pynvml
-
-    def not_supported(handle):
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", not_supported)
-    with measure.NvmlSampler("cuda", period_s=0.005) as sampler:
-        time.sleep(0.01)
-    summary = sampler.summary()
-    assert math.isnan(summary["energy_j"]) and summary["power_mean_w"] == 350.0
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def test_environment_on_the_cpu():
-    import rampde
-    import torchdiffeq
-
-    env = measure.environment(CPU)
-    assert list(env) == ENV_COLUMNS
-    assert env["gpu"] == "cpu" and env["device"] == "cpu"
-    assert (env["compute_capability"], env["driver"]) == ("", "")
-    assert env["torch"] == torch.__version__ and env["rampde"] == rampde.__version__
-    assert env["torchdiffeq"] == torchdiffeq.__version__
-    assert env["commit"] == "" or len(env["commit"]) == 40
-    assert socket.gethostname() not in {str(v) for v in env.values()}, "no host name"
-
-
-def test_commit_tolerates_no_git(tmp_path, monkeypatch):
-    assert measure.git_commit(tmp_path) == "", "not a checkout"
-
-    def no_git(*args, **kwargs):
-        raise FileNotFoundError("git")
-
-    monkeypatch.setattr(measure.subprocess, "run", no_git)
-    assert measure.git_commit() == ""
-    monkeypatch.setenv("RAMPDE_COMMIT", "abc123")
-    assert measure.environment(CPU)["commit"] == "abc123"
-
-
-def test_resolve_device_and_gpu_slug():
-    assert measure.resolve_device("cpu") == CPU
-    assert measure.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="is not a torch device"):
-        measure.resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA was asked for"):
-            measure.resolve_device("cuda")
-    assert measure.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert measure.gpu_slug("cpu") == "cpu"
+def test_the_split_modules_names_are_importable_from_measure():
+    """The NVML sampler, the peak table and the environment left measure; their names did not."""
+    moved = {nvml: ["NVML_PERIOD_S", "NvmlSampler"],
+             gpu_peaks: ["PEAK_FP16_TFLOPS", "PeakThroughput", "peak_throughput", "dense_fp16_peak_tflops"],
+             environment: ["current_flags", "resolve_device", "gpu_name", "gpu_slug", "git_commit", "project_commit",
+                           "environment"]}
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(measure, name) is getattr(module, name), name
+            assert name in measure.__all__, name
+    assert all(hasattr(measure, name) for name in measure.__all__)
