@@ -261,7 +261,7 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
     parser (and the grid planning) of the program it runs, without running it."""
     import argparse
 
-    from rampde.bench import cli, profiling, training
+    from rampde.bench import cli, profiling, training_cli
 
     ctx = campaign.Context(PY, "cuda", "nvidia-h200")
     seen = set()
@@ -270,7 +270,7 @@ def test_every_gpu_command_parses_with_its_tools_own_parser(tmp_path):
             assert cmd[0] == PY
             args = cmd[1:]
             if args[:2] == ["-m", "rampde.bench"] and args[2] == "train":
-                parsed = training.add_train_arguments(argparse.ArgumentParser()).parse_args(args[3:])
+                parsed = training_cli.add_train_arguments(argparse.ArgumentParser()).parse_args(args[3:])
                 assert parsed.device == "cuda" and parsed.size == "full"
                 seen.add("train")
             elif args[:2] == ["-m", "rampde.bench"]:

@@ -426,7 +426,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def _train(argv: Sequence[str]) -> int:
     """``rampde-bench train ...``: the training-parity suite (rampde.bench.training)."""
-    from .training import add_train_arguments, main_train
+    from .training_cli import add_train_arguments, main_train
 
     parser = add_train_arguments(argparse.ArgumentParser(prog="rampde-bench train",
                                                          description="training parity per competitor"))

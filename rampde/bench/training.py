@@ -16,13 +16,15 @@ training only (not evaluation, not checkpoints), synchronised on CUDA; ``peak_me
 model as it would be deployed), accuracy for ``digits``, NLL in nats for ``cnf``.
 
 Public API: ``run_training``, ``TASKS``, ``TRAINING_RECIPES``, ``training_figures``,
-``parity_table``, and ``add_train_arguments`` / ``main_train`` for ``rampde-bench train``.
+``parity_table``; ``rampde.bench.training_cli`` holds ``rampde-bench train``.
+
+This module holds the results store and the runner; it re-exports the recipes and the name
+look-ups (``training_recipes``) and the parity table and figures (``training_report``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import logging
 import math
@@ -34,18 +36,26 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
-import torchdiffeq
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import rampde
 
 from .training_tasks import TASKS, Batch, TaskData, TaskSize, TrainingTask
 
 from . import measure
-from .competitors import REVERSIBLE_COUPLING, tf32
-from .reversible import reversible_solve
+from .competitors import tf32
 from .results import atomic_write, write_csv_atomic
+from .training_recipes import (
+    DEFAULT_COMPETITORS,
+    TRAINING_RECIPES,
+    TrainingRecipe,
+    UnknownNameError,
+    get_recipe,
+    get_task,
+)
+from .training_recipes import SolveFn as SolveFn  # re-exported (defined here before), like BASELINE
+from .training_report import BASELINE as BASELINE
+from .training_report import parity_table, training_figures
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +71,6 @@ __all__ = [
     "read_training",
     "training_figures",
     "parity_table",
-    "add_train_arguments",
-    "main_train",
 ]
 
 COLUMNS = [
@@ -72,141 +80,9 @@ COLUMNS = [
 ]
 _STRING_COLUMNS = ("task", "competitor", "precision", "metric_name", "device", "gpu", "torch", "commit", "timestamp")
 CSV_NAME = "training.csv"
-BASELINE = "torchdiffeq-fp32"
 SIZES = ("full", "tiny")
 _EVAL_BATCH = 1024
 _CHECKPOINT_FORMAT = 1
-
-
-class UnknownNameError(ValueError, KeyError):
-    """An unknown task or competitor name; a ``ValueError`` and a ``KeyError`` both."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-# ----------------------------------------------------------------------------- recipes
-
-SolveFn = Callable[..., torch.Tensor]  # (field, y0, t, *, loss_scaler=None) -> y(t[-1])
-
-
-@dataclass(frozen=True)
-class TrainingRecipe:
-    """How one competitor trains: the ODE solve, the autocast precision and the loss scaling.
-
-    ``solve(field, y0, t, loss_scaler=None)`` returns the state at ``t[-1]`` (rk4 or a scheme
-    built on it, on the fixed grid ``t``: the tasks need the end state only, and a reversible
-    solver keeps no other);
-    the whole forward (stem, ODE block, head, loss) runs under ``torch.autocast`` with
-    ``autocast_dtype`` (None: fp32, autocast explicitly off), its weight cache as
-    ``autocast_cache`` says. ``grad_scaler``: a ``torch.amp.GradScaler`` on the loss;
-    ``adjoint_scaler``: one persistent ``rampde.DynamicScaler`` for every solve of the run.
-    """
-
-    name: str
-    precision: str  # "fp32" | "fp16" | "bf16"
-    solve: SolveFn
-    autocast_dtype: torch.dtype | None = None
-    grad_scaler: bool = False
-    adjoint_scaler: bool = False
-    autocast_cache: bool = True
-    description: str = ""
-
-    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
-        """The precision context of the forward pass (autocast off for fp32 recipes)."""
-        if self.autocast_dtype is None:
-            return torch.autocast(device_type, enabled=False)
-        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=self.autocast_cache)
-
-
-def _torchdiffeq_solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor, loss_scaler: Any = None) -> torch.Tensor:
-    """Backprop through torchdiffeq's rk4 (3/8 rule): 3s evaluation units per step, every stage's
-    activations stored in the autocast precision (fp32 without autocast)."""
-    return torchdiffeq.odeint(field, y0, t, method="rk4")[-1]
-
-
-def _rampde_solver(storage: str) -> SolveFn:
-    def solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor, loss_scaler: Any = None) -> torch.Tensor:
-        return rampde.odeint(field, y0, t, method="rk4", options={"storage": storage}, loss_scaler=loss_scaler)[-1]
-
-    solve.__doc__ = f"rampde.odeint, rk4, storage={storage!r}: discrete adjoint accumulated in fp32."
-    solve.__name__ = f"rampde_{storage}"
-    return solve
-
-
-def _one_rk4_step(field: nn.Module, y: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
-    return torchdiffeq.odeint(field, y, pair, method="rk4")[-1]
-
-
-def _checkpoint_step_solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor,
-                           loss_scaler: Any = None) -> torch.Tensor:
-    """torchdiffeq rk4 with ``torch.utils.checkpoint`` around each step (ANODE style): the N+1
-    states are stored, each step is recomputed in the backward (4s evaluation units per step)."""
-    y = y0
-    for i in range(t.shape[0] - 1):
-        y = checkpoint(_one_rk4_step, field, y, t[i : i + 2], use_reentrant=False)
-    return y
-
-
-def _reversible_solve(field: nn.Module, y0: torch.Tensor, t: torch.Tensor, loss_scaler: Any = None) -> torch.Tensor:
-    """The McCallum-Foster reversible scheme over rk4 (``rampde.bench.reversible``, the registry's
-    coupling): O(1) memory, the backward rebuilds each state by exact inversion, fp32."""
-    return reversible_solve(field, y0, t, REVERSIBLE_COUPLING)
-
-
-def _recipes() -> dict[str, TrainingRecipe]:
-    fp16, bf16 = torch.float16, torch.bfloat16
-    lean, fast = _rampde_solver("states"), _rampde_solver("activations")
-    recipes = [
-        TrainingRecipe("torchdiffeq-fp32", "fp32", _torchdiffeq_solve,
-                       description="torchdiffeq.odeint, backprop through the solver, fp32, TF32 off"),
-        TrainingRecipe("checkpoint-step", "fp32", _checkpoint_step_solve,
-                       description="torchdiffeq rk4 steps under per-step torch.utils.checkpoint, fp32"),
-        TrainingRecipe("reversible", "fp32", _reversible_solve,
-                       description="McCallum-Foster reversible rk4, O(1)-memory backward by inversion, fp32"),
-        TrainingRecipe("autocast-fp16", "fp16", _torchdiffeq_solve, fp16, grad_scaler=True,
-                       description="torchdiffeq inside torch.autocast fp16 with a GradScaler: the naive recipe"),
-        TrainingRecipe("autocast-bf16", "bf16", _torchdiffeq_solve, bf16,
-                       description="torchdiffeq inside torch.autocast bf16: the naive recipe"),
-        TrainingRecipe("autocast-nocache-fp16", "fp16", _torchdiffeq_solve, fp16, grad_scaler=True,
-                       autocast_cache=False, description="the naive fp16 recipe with the autocast weight cache off"),
-        TrainingRecipe("autocast-nocache-bf16", "bf16", _torchdiffeq_solve, bf16, autocast_cache=False,
-                       description="the naive bf16 recipe with the autocast weight cache off"),
-        TrainingRecipe("rampde-fp32", "fp32", lean, description="rampde.odeint without autocast (fp32)"),
-        TrainingRecipe("rampde-fp16", "fp16", lean, fp16, grad_scaler=True, adjoint_scaler=True,
-                       description="rampde.odeint (recompute) in autocast fp16, persistent DynamicScaler, "
-                                   "GradScaler for the layers outside the ODE block"),
-        TrainingRecipe("rampde-bf16", "bf16", lean, bf16, description="rampde.odeint (recompute) in autocast bf16"),
-        TrainingRecipe("rampde-fp16-fast", "fp16", fast, fp16, grad_scaler=True, adjoint_scaler=True,
-                       description="rampde.odeint keeping 16-bit stage activations, autocast fp16"),
-        TrainingRecipe("rampde-bf16-fast", "bf16", fast, bf16,
-                       description="rampde.odeint keeping 16-bit stage activations, autocast bf16"),
-    ]
-    return {r.name: r for r in recipes}
-
-
-TRAINING_RECIPES: dict[str, TrainingRecipe] = _recipes()
-DEFAULT_COMPETITORS: tuple[str, ...] = (
-    "torchdiffeq-fp32", "autocast-fp16", "autocast-bf16", "rampde-fp16", "rampde-bf16",
-)
-
-
-def get_recipe(name: str) -> TrainingRecipe:
-    """The recipe called ``name``; ``UnknownNameError`` listing the known names otherwise."""
-    try:
-        return TRAINING_RECIPES[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(
-            f"unknown competitor {name!r}; known training competitors: {', '.join(TRAINING_RECIPES)}"
-        ) from None
-
-
-def get_task(name: str) -> TrainingTask:
-    """The task called ``name``; ``UnknownNameError`` listing the known names otherwise."""
-    try:
-        return TASKS[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
 # ----------------------------------------------------------------------------- environment
@@ -536,186 +412,8 @@ def run_training(
     return df[mine & (df["epoch"] <= epochs)].reset_index(drop=True)
 
 
-# ----------------------------------------------------------------------------- reporting
-
-
-def _default_colors() -> dict[str, str]:
-    import plotly.colors
-
-    palette = plotly.colors.qualitative.D3 + plotly.colors.qualitative.Set2
-    return {name: palette[i % len(palette)] for i, name in enumerate(TRAINING_RECIPES)}
-
-
-def _final_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The last epoch of every (task, competitor, seed) run."""
-    last = df.groupby(["task", "competitor", "seed"])["epoch"].transform("max")
-    return df[df["epoch"] == last]
-
-
-def training_figures(df: pd.DataFrame, colors: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
-    """Per task: the test metric against epoch and against training wall time, one line per
-    competitor (the mean over seeds when several), a fixed colour per competitor.
-
-    Returns ``[(title, plotly.graph_objects.Figure), ...]``.
-    """
-    import plotly.graph_objects as go
-
-    palette = {**_default_colors(), **(colors or {})}
-    figures: list[tuple[str, Any]] = []
-    tasks = df["task"].unique()
-    for task in [*[t for t in TASKS if t in tasks], *sorted(t for t in tasks if t not in TASKS)]:
-        part = df[df["task"] == task]
-        metric = part["metric_name"].iloc[0]
-        label = "test accuracy" if metric == "accuracy" else "test NLL (nats)"
-        curves = (part.groupby(["competitor", "epoch"], as_index=False)[["test_metric", "wall_s"]].mean()
-                  .sort_values(["competitor", "epoch"]))
-        for x, x_label, what in (("epoch", "epoch", "epoch"), ("wall_s", "training wall time (s)", "wall time")):
-            fig = go.Figure()
-            for name in _ordered(curves["competitor"].unique()):
-                c = curves[curves["competitor"] == name]
-                fig.add_trace(go.Scatter(x=c[x], y=c["test_metric"], mode="lines+markers", name=name,
-                                         line={"color": palette.get(name)}))
-            title = f"{task}: {label} against {what}"
-            fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=label, legend_title="competitor",
-                              template="plotly_white")
-            figures.append((title, fig))
-    return figures
-
-
-def _ordered(names: Sequence[str]) -> list[str]:
-    known = list(TRAINING_RECIPES)
-    return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
-
-
-def parity_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Final test metric per task and competitor (mean over seeds) and its difference to
-    ``torchdiffeq-fp32`` at the same epoch (``delta_vs_fp32``: competitor minus baseline, NaN
-    without a baseline at that epoch; ``epochs`` says where each run ended),
-    with the final epoch's wall time and allocator peak (means over seeds) and its cumulative
-    skipped steps and adjoint retries (sums over seeds)."""
-    cols = ["task", "competitor", "precision", "metric_name", "epochs", "final_metric", "delta_vs_fp32",
-            "wall_s", "peak_mem_bytes", "skipped_steps", "scaler_retries", "seeds"]
-    if df.empty:
-        return pd.DataFrame(columns=cols)
-    final = _final_rows(df)
-    table = final.groupby(["task", "competitor"], as_index=False).agg(
-        precision=("precision", "first"), metric_name=("metric_name", "first"), epochs=("epoch", "max"),
-        final_metric=("test_metric", "mean"), wall_s=("wall_s", "mean"), peak_mem_bytes=("peak_mem_bytes", "mean"),
-        skipped_steps=("skipped_steps", "sum"), scaler_retries=("scaler_retries", "sum"), seeds=("seed", "nunique"),
-    )
-    # the baseline at the same epoch, so that a run cut short is not compared with a finished one
-    base = df[df["competitor"] == BASELINE].groupby(["task", "epoch"])["test_metric"].mean()
-    table["delta_vs_fp32"] = [metric - base.get((task, epoch), math.nan) for task, epoch, metric
-                              in zip(table["task"], table["epochs"], table["final_metric"])]
-    rank = {n: i for i, n in enumerate([*TASKS, *_ordered(table["competitor"].unique())])}
-    table = table.sort_values(["task", "competitor"], key=lambda s: s.map(lambda n: (rank.get(n, len(rank)), n)))
-    return table[cols].reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the options of ``rampde-bench train`` to ``parser``."""
-    parser.add_argument("--task", default="digits",
-                        help=f"task name(s), comma-separated, or 'all'; known: {', '.join(TASKS)} (default: digits)")
-    parser.add_argument("--competitors", nargs="+", default=list(DEFAULT_COMPETITORS), metavar="NAME",
-                        help=f"training recipes (space- or comma-separated, or 'all'); known: "
-                             f"{', '.join(TRAINING_RECIPES)} (default: {' '.join(DEFAULT_COMPETITORS)})")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs per run (default: the task's default for --size)")
-    parser.add_argument("--out", type=Path, default=Path("reports/training"),
-                        help="results folder: training.csv and checkpoints/ (default: reports/training); "
-                             "rerun with the same folder to resume")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and data order (default: 0)")
-    parser.add_argument("--size", choices=SIZES, default="full", help="problem size (default: full)")
-    return parser
-
-
-def _split_names(values: Sequence[str] | str, known: Mapping[str, Any], what: str) -> list[str]:
-    items = [values] if isinstance(values, str) else list(values)
-    names = [n.strip() for v in items for n in v.split(",") if n.strip()]
-    if names == ["all"]:
-        return list(known)
-    if not names:
-        raise ValueError(f"no {what} given; known: {', '.join(known)}")
-    for n in names:
-        if n not in known:
-            raise UnknownNameError(f"unknown {what} {n!r}; known: {', '.join(known)}")
-    return list(dict.fromkeys(names))
-
-
-def _format_tables(table: pd.DataFrame) -> list:
-    """One compact rich table per task (fits 80 columns)."""
-    from rich import box
-    from rich.table import Table
-
-    tables = []
-    for task, part in table.groupby("task", sort=False):
-        metric = part["metric_name"].iloc[0]
-        epochs = int(part["epochs"].max())
-        out = Table(title=f"{task}: test {metric} after {epochs} epoch{'s' if epochs != 1 else ''}",
-                    box=box.SIMPLE_HEAD, collapse_padding=True)
-        out.add_column("competitor", no_wrap=True)
-        for col in ("final", "Δ vs fp32", "wall s", "peak MiB", "skipped", "retries"):
-            out.add_column(col, justify="right", no_wrap=True)
-        for r in part.itertuples():
-            delta = "—" if math.isnan(r.delta_vs_fp32) else f"{r.delta_vs_fp32:+.4f}"
-            peak = "—" if math.isnan(r.peak_mem_bytes) else f"{r.peak_mem_bytes / 2**20:.1f}"
-            out.add_row(r.competitor, f"{r.final_metric:.4f}", delta, f"{r.wall_s:.1f}", peak,
-                        str(int(r.skipped_steps)), str(int(r.scaler_retries)))
-        tables.append(out)
-    return tables
-
-
-def main_train(args: argparse.Namespace) -> int:
-    """Runs ``rampde-bench train`` with a progress bar and prints the parity table; returns the exit code."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console, err = Console(), Console(stderr=True)
-    try:
-        tasks = _split_names(args.task, TASKS, "task")
-        competitors = _split_names(args.competitors, TRAINING_RECIPES, "competitor")
-        if args.epochs is not None:
-            _check_int("--epochs", args.epochs, 1)
-        _check_int("--seed", args.seed, 0)
-        if args.size not in SIZES:
-            raise ValueError(f"--size must be one of {list(SIZES)}, got {args.size!r}")
-        resolve_device(args.device)
-    except ValueError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
-
-    frames = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, console=console) as bar:
-            for task in tasks:
-                epochs = args.epochs or TASKS[task].sizes[args.size].default_epochs
-                bar_id = bar.add_task(task, total=len(competitors) * epochs)
-                done: dict[str, int] = {}
-
-                def on_event(ev: TrainingEvent, bar_id=bar_id, done=done) -> None:
-                    done[ev.competitor] = ev.epoch
-                    bar.update(bar_id, completed=sum(done.values()),
-                               description=f"{ev.task} · {ev.competitor} · epoch {ev.epoch}/{ev.epochs}")
-
-                frames.append(run_training(task, competitors, epochs=epochs, out=args.out, device=args.device,
-                                           seed=args.seed, size=args.size, progress=on_event))
-        for table in _format_tables(parity_table(pd.concat(frames, ignore_index=True))):
-            console.print(table)
-    except KeyboardInterrupt:  # in a run or after them: every epoch written so far is whole
-        err.print(f"interrupted; rerun the same command to resume from {args.out}")
-        return 130
-    except ValueError as exc:  # e.g. an out folder holding a run with other settings
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
-    console.print(f"results: {Path(args.out) / CSV_NAME}")
-    return 0
-
-
 if __name__ == "__main__":  # pragma: no cover - the CLI proper is rampde-bench train
+    from .training_cli import add_train_arguments, main_train
+
     logging.basicConfig(level=logging.WARNING)
     sys.exit(main_train(add_train_arguments(argparse.ArgumentParser(prog="rampde-bench train")).parse_args()))

@@ -226,9 +226,9 @@ def test_report_missing_results_file(tmp_path, capsys):
 
 
 def test_train_is_delegated(monkeypatch):
-    training = pytest.importorskip("rampde.bench.training")
+    training_cli = pytest.importorskip("rampde.bench.training_cli")
     seen = []
-    monkeypatch.setattr(training, "main_train", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(training_cli, "main_train", lambda args: seen.append(args) or 0)
     assert main(["train", "--task", "cnf", "--size", "tiny", "--epochs", "1"]) == 0
     assert seen[0].task == "cnf" and seen[0].size == "tiny" and seen[0].epochs == 1
     assert main(["train", "--size", "huge"]) == 2, "train's own option errors"

@@ -23,19 +23,18 @@ import torchdiffeq
 pytest.importorskip("sklearn")
 pytest.importorskip("plotly")
 
-from rampde.bench import training  # noqa: E402
+from rampde.bench import training, training_cli  # noqa: E402
 from rampde.bench.training import (  # noqa: E402
     COLUMNS,
     TASKS,
     TRAINING_RECIPES,
     TrainingEvent,
     UnknownNameError,
-    add_train_arguments,
-    main_train,
     parity_table,
     run_training,
     training_figures,
 )
+from rampde.bench.training_cli import add_train_arguments, main_train  # noqa: E402
 
 DIGITS_COMPETITORS = ["torchdiffeq-fp32", "autocast-fp16", "rampde-bf16"]
 CURVE = ["epoch", "train_loss", "test_metric", "skipped_steps", "scaler_retries"]
@@ -248,7 +247,7 @@ def test_cli_interrupted_while_printing_exits_130_with_the_results_whole(digits_
     def interrupted(table):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_format_tables", interrupted)
+    monkeypatch.setattr(training_cli, "_format_tables", interrupted)  # where main_train looks it up
     args = _parse("--task", "digits", "--competitors", ",".join(DIGITS_COMPETITORS), "--epochs", "2",
                   "--out", str(out), "--device", "cpu", "--size", "tiny")
     assert main_train(args) == 130
@@ -298,7 +297,7 @@ def test_training_rows_take_the_campaigns_commit_label(monkeypatch):
     monkeypatch.setenv("RAMPDE_COMMIT", "0123456789abcdef+modified")
     assert training._environment(torch.device("cpu"))["commit"] == "0123456789abcdef+modified"
     monkeypatch.delenv("RAMPDE_COMMIT")
-    monkeypatch.setattr(training.measure, "git_commit", lambda path=None: "")
+    monkeypatch.setattr("rampde.bench.environment.git_commit", lambda path=None: "")
     assert training._environment(torch.device("cpu"))["commit"] == "unknown"
 
 
@@ -322,3 +321,20 @@ def test_every_fp32_recipe_solves_to_the_end_state_of_rk4():
             assert torch.allclose(reversible, rk4, rtol=0, atol=1e-12)
         else:
             assert 0 < (reversible - rk4).abs().max() < 1e-3
+
+
+def test_training_reexports_the_split_modules_and_runs_as_a_script():
+    """``rampde.bench.training`` keeps the names of ``training_recipes`` and ``training_report``;
+    ``python -m rampde.bench.training`` imports ``training_cli`` (which imports the runner) first,
+    without a cycle."""
+    import subprocess
+    import sys
+
+    from rampde.bench import training_recipes, training_report
+
+    assert training.TRAINING_RECIPES is training_recipes.TRAINING_RECIPES
+    assert training.UnknownNameError is training_recipes.UnknownNameError
+    assert training.parity_table is training_report.parity_table
+    done = subprocess.run([sys.executable, "-m", "rampde.bench.training", "--help"], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.startswith("usage: rampde-bench train") and "--competitors" in done.stdout
