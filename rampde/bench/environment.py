@@ -21,7 +21,7 @@ import torch
 
 from .nvml import _nvml
 
-log = logging.getLogger("rampde.bench.measure")  # as before the split
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- precision flags

@@ -1,5 +1,6 @@
 """Messages said once per process: the absence of a GPU (the measured call, the NVML sampler) and
-what NVML cannot read here. Logged under ``rampde.bench.measure``, as before the split."""
+what NVML cannot read here. Logged under ``rampde.bench.measure``: they say how a measurement is
+taken, whichever module notices."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 import torch
 
-log = logging.getLogger("rampde.bench.measure")  # as before the split
+log = logging.getLogger("rampde.bench.measure")
 
 _said: set[str] = set()
 

@@ -5,8 +5,7 @@ utilisation and power every ~15 ms during the timed runs (the timeline of the da
 per forward+backward comes from the device's total-energy counter where it has one. NVML counts
 the CUDA context and other processes too, so it is never the source of a memory ratio.
 
-Without a GPU or without NVML the NVML columns are NaN; that is logged once per process, under
-the logger ``rampde.bench.measure`` (as before the split).
+Without a GPU or without NVML the NVML columns are NaN; that is logged once per process.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 
 from .notices import _say_no_gpu_once, _say_once
 
-log = logging.getLogger("rampde.bench.measure")  # as before the split
+log = logging.getLogger(__name__)
 
 NAN = math.nan
 NVML_PERIOD_S = 0.015

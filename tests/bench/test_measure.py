@@ -71,7 +71,7 @@ def test_measure_calls_on_the_cpu_keeps_the_last_output(fresh_notices, caplog):
     assert {"time_ms_median", "peak_mem_bytes", "energy_j", "tf32"} <= set(columns)
     said = [r for r in caplog.records if "no CUDA device" in r.getMessage()]
     assert len(said) == 1, "the absence of a GPU is said once"
-    assert said[0].name == "rampde.bench.measure", "the logger of before the split"
+    assert said[0].name == "rampde.bench.measure"
 
 
 def test_peak_memory_is_nan_off_cuda():

@@ -28,7 +28,7 @@ def fresh_nvml(monkeypatch):
 def test_nvml_absent(monkeypatch, fresh_nvml, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    with caplog.at_level(logging.WARNING, logger="rampde.bench.measure"):
+    with caplog.at_level(logging.WARNING, logger="rampde.bench.nvml"):
         assert nvml._nvml() is None
         assert nvml._nvml() is None
         with nvml.NvmlSampler("cuda", period_s=0.001) as sampler:
@@ -37,7 +37,7 @@ def test_nvml_absent(monkeypatch, fresh_nvml, caplog):
     assert all(math.isnan(v) for v in sampler.summary(calls=3).values())
     said = [r for r in caplog.records if "NVML unavailable" in r.getMessage()]
     assert len(said) == 1 and "nvidia-ml-py is not installed" in said[0].getMessage()
-    assert said[0].name == "rampde.bench.measure", "the logger of before the split"
+    assert said[0].name == "rampde.bench.nvml"
 
 
 def test_nvml_sampler_off_cuda_records_nothing(fresh_nvml):

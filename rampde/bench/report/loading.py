@@ -17,7 +17,7 @@ from .schema import (
 )  # fmt: skip
 from .style import PALETTE, _finite, precision_of
 
-log = logging.getLogger(__package__)  # "rampde.bench.report", as before the split
+log = logging.getLogger(__package__)  # the dashboard logs as one: rampde.bench.report
 
 
 def _empty_results() -> pd.DataFrame:

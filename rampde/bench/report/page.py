@@ -16,7 +16,7 @@ from .loading import load_asv, load_results, load_timelines, load_training
 from .sections import _Figures, _sections, section_html
 from .style import _esc, competitor_colours, slug
 
-log = logging.getLogger(__package__)  # "rampde.bench.report", as before the split
+log = logging.getLogger(__package__)  # the dashboard logs as one: rampde.bench.report
 
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;

@@ -19,7 +19,7 @@ from .tables import (
     _failures_html, _parity_html, _status_summary, claims_html, env_html, targets_html,
 )  # fmt: skip
 
-log = logging.getLogger(__package__)  # "rampde.bench.report", as before the split
+log = logging.getLogger(__package__)  # the dashboard logs as one: rampde.bench.report
 
 
 @dataclass
