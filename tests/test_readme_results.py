@@ -159,8 +159,10 @@ def _perf_rows(tmp_path: Path) -> None:
 
     def gemm(precision, n, k, tflops, vs_aligned, kernel, status="ok"):
         row = {c: math.nan for c in GEMM_COLUMNS}
+        triple_us = 3 * 2 * 2048 * n * k / (tflops * 1e12) * 1e6 if status == "ok" else math.nan
         row.update(gpu=H200, device="cuda", precision=precision, m=2048, n=n, k=k, tflops=tflops,
-                   vs_aligned=vs_aligned, top_kernel=kernel, status=status, commit="0123456789ab")
+                   time_us_median=triple_us, forward_us_median=triple_us / 3, vs_aligned=vs_aligned,
+                   top_kernel=kernel, status=status, commit="0123456789ab")
         return row
 
     perf = tmp_path / "reports" / "nvidia-h200" / "perf"
@@ -197,6 +199,20 @@ def test_ablation_and_gemm_blocks_come_from_the_perf_tables(tmp_path: Path):
     assert "3 of 4 shapes measured" in gemm
     assert "| bf16 | 2048 | 2048 | 600 | 200 | 0.333 | `sm80_gemm_align2` |" in gemm
     assert "| fp32 | 2048 | 2048 | 50 | oom | — | — |" in gemm
+    # The ceiling of the efficiency target: bf16 only (fp32 has no tensor-core ceiling row).
+    from rampde.bench.gemm_probe import mlp_gemm_ceiling
+    from rampde.bench.gpu_peaks import dense_fp16_peak_tflops
+
+    rows = pd.read_csv(tmp_path / "reports" / "nvidia-h200" / "perf" / "gemm.csv")
+    ceiling = mlp_gemm_ceiling(rows, 2048, "bf16", dense_fp16_peak_tflops(H200))
+    # The layers' triples at 200 TFLOP/s (k = 2049) and 600 (k = 2048): their work over their time;
+    # the recomputed forward GEMMs (a third of a triple here) add a third of the time.
+    together = (2049 + 2048) / (2049 / 200.0 + 2048 / 600.0)
+    assert ceiling["activations"] == pytest.approx(together / dense_fp16_peak_tflops(H200))
+    assert ceiling["states"] == pytest.approx(ceiling["activations"] * 3 / 4)
+    assert (f"| bf16 | 2048 | {100 * ceiling['states']:.0f}% | {100 * ceiling['activations']:.0f}% |"
+            in gemm)
+    assert "| fp32 | 2048 | " not in gemm.split("If its GEMMs")[1]
     assert readme_results.main(["--readme", str(readme), "--check"]) == 0
 
 

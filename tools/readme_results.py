@@ -35,6 +35,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rampde.bench.gemm_probe import mlp_gemm_ceiling  # noqa: E402
+from rampde.bench.gpu_peaks import dense_fp16_peak_tflops  # noqa: E402
 from rampde.bench.report import compute_claims  # noqa: E402
 from rampde.bench.results import empty_results, read_results  # noqa: E402
 from rampde.bench.targets import evaluate_targets, format_markdown, markdown_table  # noqa: E402
@@ -179,7 +181,26 @@ def _gemm_section(gpu: str, rows: pd.DataFrame) -> list[str]:
                       f"`{odd['top_kernel']}`" if odd is not None and isinstance(odd["top_kernel"], str) else "—"])
     header = ["precision", "m", "n", "TFLOP/s, k = n", "TFLOP/s, k = n + 1", "ratio", "kernel at k = n + 1"]
     return [f"**{gpu}** (commit {_commits(rows)}; the three GEMMs of a Linear's forward+backward, "
-            f"{len(ok)} of {len(rows)} shapes measured):", "", *markdown_table(header, table)]
+            f"{len(ok)} of {len(rows)} shapes measured):", "", *markdown_table(header, table),
+            *_ceiling_lines(gpu, rows)]
+
+
+def _ceiling_lines(gpu: str, rows: pd.DataFrame) -> list[str]:
+    """The most of the fp16 peak an rk4 solve of the MLP field can reach on this GPU, if its GEMMs
+    (as the probe timed them) were all its time: per tensor-core precision and width."""
+    peak = dense_fp16_peak_tflops(gpu)
+    table = []
+    for (precision, n), _ in rows[rows["precision"].isin(["fp16", "bf16"])].groupby(["precision", "n"], sort=False):
+        ceiling = mlp_gemm_ceiling(rows, int(n), precision, peak)
+        if not math.isnan(ceiling["activations"]):
+            table.append([precision, int(n), f"{100 * ceiling['states']:.0f}%",
+                          f"{100 * ceiling['activations']:.0f}%"])
+    if not table:
+        return []
+    header = ["precision", "width", "default storage (recomputes)", '`storage="activations"`']
+    return ["", f"If its GEMMs were all the time, an rk4 solve of the MLP field (batch = m) would reach "
+                f"this fraction of the {_number(peak)} TFLOP/s dense fp16 peak: the ceiling of the "
+                "efficiency target on this GPU.", "", *markdown_table(header, table)]
 
 
 def gemm_block(df: pd.DataFrame) -> str:

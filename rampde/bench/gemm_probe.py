@@ -12,8 +12,11 @@ the three GEMMs of one ``nn.Linear`` forward+backward on a batch of ``m`` rows, 
 ``nn.Linear`` uses (``x`` m x k, ``w`` n x k, ``g`` m x n, all row-major): ``x w^T``, ``g w`` and
 ``g^T x``, once with ``k = n`` and once with ``k = n + 1``. One timed call runs ``inner`` such
 triples into preallocated outputs (``measure.time_runs``: CUDA events on a GPU); figures are per
-triple. On a GPU the probe also names the kernel that took the most device time
-(``torch.profiler``), which is where cuBLAS's choice shows.
+triple, and the forward GEMM is also timed alone (what rampde's default storage recomputes). On a
+GPU the probe also names the kernel that took the most device time (``torch.profiler``), which is
+where cuBLAS's choice shows. ``mlp_gemm_ceiling`` turns a width's two rows into the fraction of
+the fp16 peak an MLP solve would reach if its GEMMs were all its time: the most the efficiency
+target can get on that GPU, whatever the solver does around them.
 
     python -m rampde.bench.profiling gemm [--out DIR] [--device auto] [--widths 256 1024 2048]
                                           [--batch 2048] [--precisions bf16 fp16 tf32 fp32]
@@ -42,7 +45,7 @@ from .sweep import _now, failure_columns, free_memory
 log = logging.getLogger(__name__)
 
 __all__ = ["GEMM_COLUMNS", "PRECISIONS", "GemmShape", "probe_shapes", "linear_gemms", "measure_shape", "run_probe",
-           "add_arguments", "cmd_gemm"]
+           "mlp_gemm_ceiling", "add_arguments", "cmd_gemm"]
 
 # The tensor-core precisions first: a probe stopped at its time limit has measured those.
 PRECISIONS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16,
@@ -63,6 +66,7 @@ GEMM_COLUMNS: dict[str, str] = {
     "time_us_median": "us per triple (x w^T, g w, g^T x), median of the calls",
     "time_us_q25": "us per triple, first quartile",
     "time_us_q75": "us per triple, third quartile",
+    "forward_us_median": "us per forward GEMM x w^T alone, median of the calls (what a recomputation repeats)",
     "tflops": "TFLOP/s: 3 * 2*m*n*k per triple / median time",
     "fraction_of_fp16_peak": "tflops / the GPU's dense fp16 tensor-core peak (measure.dense_fp16_peak_tflops)",
     "vs_aligned": "this row's tflops / the tflops of k = n at the same precision and n",
@@ -141,6 +145,16 @@ def linear_gemms(shape: GemmShape, device: torch.device, inner: int, seed: int =
     return call, {"x": x, "w": w, "g": g, "y": y, "dx": dx, "dw": dw}
 
 
+def _forward_only(tensors: dict[str, torch.Tensor], inner: int) -> Callable[[], None]:
+    """``inner`` forward GEMMs ``x w^T`` of ``linear_gemms``' operands, into its ``y``."""
+    x, w, y = tensors["x"], tensors["w"], tensors["y"]
+
+    def call() -> None:
+        for _ in range(inner):
+            torch.mm(x, w.t(), out=y)
+    return call
+
+
 def _top_kernel(call: Callable[[], None], device: torch.device) -> str:
     """The name of the device activity with the most self time in one call; empty off CUDA."""
     if device.type != "cuda":
@@ -171,14 +185,42 @@ def measure_shape(shape: GemmShape, device: torch.device, *, inner: int = 10, re
         row.update(status="unsupported", message="TF32 is a CUDA matmul mode; the CPU has none")
         return row
     with _tf32(shape.precision == "tf32"):
-        call, _ = linear_gemms(shape, device, inner, seed)
+        call, tensors = linear_gemms(shape, device, inner, seed)
         timing = measure.time_runs(call, device, repeats=repeats, warmup=warmup)
+        forward = measure.time_runs(_forward_only(tensors, inner), device, repeats=repeats, warmup=warmup)
         row["top_kernel"] = _top_kernel(call, device)
-    per_triple_us = 1e3 / inner
-    row.update(time_us_median=timing.median_ms * per_triple_us, time_us_q25=timing.q25_ms * per_triple_us,
-               time_us_q75=timing.q75_ms * per_triple_us,
+    per_call_us = 1e3 / inner
+    row.update(time_us_median=timing.median_ms * per_call_us, time_us_q25=timing.q25_ms * per_call_us,
+               time_us_q75=timing.q75_ms * per_call_us, forward_us_median=forward.median_ms * per_call_us,
                tflops=measure.achieved_tflops(shape.flops * inner, timing.median_ms))
     return row
+
+
+def mlp_gemm_ceiling(rows: pd.DataFrame, width: int, precision: str, peak_tflops: float,
+                     stages: int = 4) -> dict[str, float]:
+    """The fraction of ``peak_tflops`` that an explicit RK solve of the MLP field at ``width``
+    would reach if its GEMMs were all the time it took, from this probe's times (batch = ``m``).
+
+    The field's layers are ``Linear(width+1, width)`` (the row with ``k = width + 1``) and
+    ``Linear(width, width)`` (``k = width``). Per step, ``stages`` evaluations each run both
+    layers' forward GEMMs and ``stages`` vector-Jacobian products their two backward GEMMs: one
+    probe triple per layer and stage, the useful work (``measure.solve_flops`` counts the same).
+    ``"activations"``: that alone; ``"states"`` (rampde's default storage) also recomputes the
+    forward GEMMs in the backward (``forward_us_median``). NaN where a row is missing or not ok.
+    """
+    def row(k: int) -> dict[str, Any] | None:
+        match = rows[(rows["precision"] == precision) & (rows["n"] == width) & (rows["k"] == k)
+                     & (rows["status"] == "ok")]
+        return match.iloc[-1].to_dict() if len(match) else None
+
+    layers = [row(width + 1), row(width)]
+    if any(r is None for r in layers) or not peak_tflops > 0:
+        return {"activations": math.nan, "states": math.nan}
+    useful = stages * sum(3.0 * 2 * r["m"] * r["n"] * r["k"] for r in layers)
+    triples_us = stages * sum(r["time_us_median"] for r in layers)
+    recompute_us = stages * sum(r["forward_us_median"] for r in layers)
+    return {storage: useful / (us * 1e-6) / 1e12 / peak_tflops
+            for storage, us in (("activations", triples_us), ("states", triples_us + recompute_us))}
 
 
 def _add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:

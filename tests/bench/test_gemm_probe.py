@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rampde.bench import gemm_probe, profiling
-from rampde.bench.gemm_probe import GEMM_COLUMNS, GemmShape, linear_gemms, probe_shapes, run_probe
+from rampde.bench.gemm_probe import GEMM_COLUMNS, GemmShape, linear_gemms, mlp_gemm_ceiling, probe_shapes, run_probe
 
 
 def test_shapes_pair_each_width_with_its_odd_inner_dimension():
@@ -68,11 +68,34 @@ def test_the_probe_writes_one_row_per_shape_on_the_cpu(tmp_path):
     ok = on_disk[on_disk["status"] == "ok"]
     assert (ok["tflops"] > 0).all() and (ok["time_us_q25"] <= ok["time_us_median"]).all()
     assert (ok["time_us_median"] <= ok["time_us_q75"]).all()
+    assert (ok["forward_us_median"] > 0).all() and (ok["forward_us_median"] < ok["time_us_median"]).all()
     assert list(ok["vs_aligned"].round(12))[::2] == [1.0, 1.0]  # the k = n rows are their own reference
     odd = ok.iloc[1]
     assert odd["vs_aligned"] == pytest.approx(odd["tflops"] / ok.iloc[0]["tflops"])
     assert on_disk["fraction_of_fp16_peak"].isna().all()  # no tensor-core peak on the CPU
     assert (on_disk["gpu"] == "cpu").all() and on_disk["top_kernel"].isna().all()
+
+
+def _timed(precision, n, k, triple_us, forward_us, status="ok", m=2048):
+    return {"precision": precision, "m": m, "n": n, "k": k, "time_us_median": triple_us,
+            "forward_us_median": forward_us, "status": status}
+
+
+def test_gemm_ceiling_of_the_mlp_field():
+    """rk4 at width 2048: useful work = 4 triples of each layer; the default storage adds 4
+    forward GEMMs of each. Hand-computed from the flops of the two shapes."""
+    rows = pd.DataFrame([_timed("fp16", 2048, 2048, 60.0, 20.0), _timed("fp16", 2048, 2049, 90.0, 40.0),
+                         _timed("bf16", 2048, 2048, 50.0, 15.0)])
+    useful = 4 * 6 * 2048 * 2048 * (2048 + 2049)  # flops per step
+    got = mlp_gemm_ceiling(rows, 2048, "fp16", peak_tflops=1000.0)
+    assert got["activations"] == pytest.approx(useful / (4 * 150.0e-6) / 1e12 / 1000.0)
+    assert got["states"] == pytest.approx(useful / (4 * 210.0e-6) / 1e12 / 1000.0)
+    assert got["states"] < got["activations"]
+    bf16 = mlp_gemm_ceiling(rows, 2048, "bf16", peak_tflops=1000.0)  # no k = 2049 row
+    assert math.isnan(bf16["activations"]) and math.isnan(bf16["states"])
+    oom = rows.assign(status=["ok", "oom", "ok"])
+    assert math.isnan(mlp_gemm_ceiling(oom, 2048, "fp16", 1000.0)["states"])
+    assert math.isnan(mlp_gemm_ceiling(rows, 2048, "fp16", math.nan)["states"]), "no peak, no fraction"
 
 
 def test_out_of_memory_and_errors_are_rows_and_the_probe_goes_on(tmp_path, monkeypatch):
