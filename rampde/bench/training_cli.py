@@ -1,8 +1,8 @@
 """``rampde-bench train``: the command line of the train suite (``rampde.bench.training``).
 
 ``add_train_arguments`` adds its options to a parser; ``main_train`` runs ``run_training`` per task
-with a progress bar and prints the parity table, one compact table per task. ``rampde.bench.training``
-re-exports both, and ``python -m rampde.bench.training`` runs them.
+with a progress bar and prints the parity table, one compact table per task. ``rampde-bench train``
+and ``python -m rampde.bench.training`` run them.
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from .training_tasks import TASKS
-
 from .training import CSV_NAME, SIZES, TrainingEvent, _check_int, resolve_device, run_training
 from .training_recipes import DEFAULT_COMPETITORS, TRAINING_RECIPES, UnknownNameError
 from .training_report import parity_table
+from .training_tasks import TASKS
 
 __all__ = [
     "add_train_arguments",
