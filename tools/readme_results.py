@@ -124,7 +124,7 @@ def _training_section(gpu: str, rows: pd.DataFrame) -> list[str]:
               f"{r['final_metric']:.4f} ({'accuracy' if r['metric_name'] == 'accuracy' else 'NLL'})",
               "—" if math.isnan(r["delta_vs_fp32"]) else f"{r['delta_vs_fp32']:+.4f}", _number(r["wall_s"]),
               int(r["skipped_steps"])] for r in parity_table(rows).to_dict("records")]
-    header = ["task", "competitor", "epochs", "final", "vs fp32", "wall s", "skipped steps"]
+    header = ["task", "competitor", "epochs", "final", "vs fp32 at that epoch", "wall s", "skipped steps"]
     return [f"**{gpu}** (torch {_join(rows['torch'].astype(str))}, commit {_commits(rows)}):", "",
             *markdown_table(header, table)]
 
@@ -193,8 +193,8 @@ def _ceiling_lines(gpu: str, rows: pd.DataFrame) -> list[str]:
     for (precision, n), _ in rows[rows["precision"].isin(["fp16", "bf16"])].groupby(["precision", "n"], sort=False):
         ceiling = mlp_gemm_ceiling(rows, int(n), precision, peak)
         if not math.isnan(ceiling["activations"]):
-            table.append([precision, int(n), f"{100 * ceiling['states']:.0f}%",
-                          f"{100 * ceiling['activations']:.0f}%"])
+            table.append([precision, int(n), *("—" if math.isnan(ceiling[k]) else f"{100 * ceiling[k]:.0f}%"
+                                               for k in ("states", "activations"))])
     if not table:
         return []
     header = ["precision", "width", "default storage (recomputes)", '`storage="activations"`']

@@ -206,7 +206,8 @@ def mlp_gemm_ceiling(rows: pd.DataFrame, width: int, precision: str, peak_tflops
     layers' forward GEMMs and ``stages`` vector-Jacobian products their two backward GEMMs: one
     probe triple per layer and stage, the useful work (``measure.solve_flops`` counts the same).
     ``"activations"``: that alone; ``"states"`` (rampde's default storage) also recomputes the
-    forward GEMMs in the backward (``forward_us_median``). NaN where a row is missing or not ok.
+    forward GEMMs in the backward (``forward_us_median``). NaN where a row is missing or not ok
+    (``"states"`` also where the forward GEMM was not timed alone).
     """
     def row(k: int) -> dict[str, Any] | None:
         match = rows[(rows["precision"] == precision) & (rows["n"] == width) & (rows["k"] == k)
@@ -218,7 +219,7 @@ def mlp_gemm_ceiling(rows: pd.DataFrame, width: int, precision: str, peak_tflops
         return {"activations": math.nan, "states": math.nan}
     useful = stages * sum(3.0 * 2 * r["m"] * r["n"] * r["k"] for r in layers)
     triples_us = stages * sum(r["time_us_median"] for r in layers)
-    recompute_us = stages * sum(r["forward_us_median"] for r in layers)
+    recompute_us = stages * sum(r.get("forward_us_median", math.nan) for r in layers)  # NaN: a probe before it
     return {storage: useful / (us * 1e-6) / 1e12 / peak_tflops
             for storage, us in (("activations", triples_us), ("states", triples_us + recompute_us))}
 

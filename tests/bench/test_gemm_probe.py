@@ -96,6 +96,8 @@ def test_gemm_ceiling_of_the_mlp_field():
     oom = rows.assign(status=["ok", "oom", "ok"])
     assert math.isnan(mlp_gemm_ceiling(oom, 2048, "fp16", 1000.0)["states"])
     assert math.isnan(mlp_gemm_ceiling(rows, 2048, "fp16", math.nan)["states"]), "no peak, no fraction"
+    older = mlp_gemm_ceiling(rows.drop(columns="forward_us_median"), 2048, "fp16", 1000.0)  # an older gemm.csv
+    assert older["activations"] == pytest.approx(got["activations"]) and math.isnan(older["states"])
 
 
 def test_out_of_memory_and_errors_are_rows_and_the_probe_goes_on(tmp_path, monkeypatch):

@@ -128,7 +128,7 @@ def _parity_html(table: pd.DataFrame) -> str:
         f"{r['peak_mem_bytes'] / 2**20:.4g}" if _finite(r["peak_mem_bytes"]) else "—",
         _fmt(r["skipped_steps"]), _fmt(r["scaler_retries"]), _fmt(r["epochs"]), _fmt(r["seeds"]),
     ] for r in table.to_dict("records")]  # fmt: skip
-    header = ["task", "competitor", "final test metric", "Δ vs torchdiffeq-fp32", "wall (s)",
+    header = ["task", "competitor", "final test metric", "Δ vs torchdiffeq-fp32 at that epoch", "wall (s)",
               "peak (MiB)", "skipped steps", "adjoint retries", "epochs", "seeds"]  # fmt: skip
     return f'<div class="scroll">{_table(header, rows)}</div>'
 
