@@ -495,7 +495,8 @@ def _adjoint_sweep(
 
     with spec.autocast(), torch.enable_grad():
         if spec.cuda_graph and not graphs and not need_t:
-            _replayed_sweep(spec, coef.numbers, grid, stored, grad_traj, diff_params, copies, accumulators)
+            _replayed_sweep(spec, coef.numbers, weighted, grid, stored, grad_traj, diff_params, copies,
+                            accumulators)
             return _SweepResult(y0=adjoint, params=g_params, grid=None)
         h_abs = coef.h.abs()
         for i in range(grid.shape[0] - 2, -1, -1):
@@ -572,14 +573,13 @@ class _Accumulators:
             _accumulate([(g, v) for g, v in group if v is not None], inv_scale)
 
 
-def _replayed_sweep(spec: SolveSpec, numbers: _StepNumbers, grid: torch.Tensor, stored: torch.Tensor,
-                    grad_traj: torch.Tensor, diff_params: list[torch.Tensor], copies: list[torch.Tensor] | None,
-                    accumulators: _Accumulators) -> None:
+def _replayed_sweep(spec: SolveSpec, numbers: _StepNumbers, weighted: list[int], grid: torch.Tensor,
+                    stored: torch.Tensor, grad_traj: torch.Tensor, diff_params: list[torch.Tensor],
+                    copies: list[torch.Tensor] | None, accumulators: _Accumulators) -> None:
     """The steps of ``_adjoint_sweep`` (no time gradient), each a body on fixed buffers
     (``StepReplay``): the stored state and the step's numbers are copied in; the vjps go into the
     accumulators, which stay in place for the whole sweep."""
     state = torch.empty_like(stored[0], dtype=spec.acc_dtype)
-    weighted = _weighted(spec.tableau)
 
     def body() -> None:
         step = _build_replayed_step(spec, state, numbers, copies, accumulators.slots)
