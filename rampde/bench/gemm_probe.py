@@ -29,16 +29,16 @@ of memory is a row (``status="oom"``); TF32 on the CPU is a row with ``status="u
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import torch
 
 from . import measure
+from .competitors import tf32
 from .results import write_csv_atomic
 from .sweep import _now, failure_columns, free_memory
 
@@ -113,16 +113,6 @@ def probe_shapes(widths: Sequence[int], batch: int, precisions: Sequence[str]) -
     return [GemmShape(p, batch, n, k) for p in precisions for n in widths for k in (n, n + 1)]
 
 
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
 def linear_gemms(shape: GemmShape, device: torch.device, inner: int, seed: int = 0
                  ) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
     """``inner`` triples of a Linear's forward+backward GEMMs on fixed operands and outputs; returns
@@ -184,7 +174,7 @@ def measure_shape(shape: GemmShape, device: torch.device, *, inner: int = 10, re
     if shape.precision == "tf32" and device.type != "cuda":
         row.update(status="unsupported", message="TF32 is a CUDA matmul mode; the CPU has none")
         return row
-    with _tf32(shape.precision == "tf32"):
+    with tf32(shape.precision == "tf32"):
         call, tensors = linear_gemms(shape, device, inner, seed)
         timing = measure.time_runs(call, device, repeats=repeats, warmup=warmup)
         forward = measure.time_runs(_forward_only(tensors, inner), device, repeats=repeats, warmup=warmup)
