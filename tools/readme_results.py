@@ -190,7 +190,8 @@ def _ceiling_lines(gpu: str, rows: pd.DataFrame) -> list[str]:
     (as the probe timed them) were all its time: per tensor-core precision and width."""
     peak = dense_fp16_peak_tflops(gpu)
     table = []
-    for (precision, n), _ in rows[rows["precision"].isin(["fp16", "bf16"])].groupby(["precision", "n"], sort=False):
+    tensor_core = rows.loc[rows["precision"].isin(["fp16", "bf16"]), ["precision", "n"]].drop_duplicates()
+    for precision, n in tensor_core.itertuples(index=False):
         ceiling = mlp_gemm_ceiling(rows, int(n), precision, peak)
         if not math.isnan(ceiling["activations"]):
             table.append([precision, int(n), *("—" if math.isnan(ceiling[k]) else f"{100 * ceiling[k]:.0f}%"
@@ -208,9 +209,9 @@ def gemm_block(df: pd.DataFrame) -> str:
     return _per_gpu(df, _gemm_section)
 
 
-def gpu_perf_table(root: Path, name: str) -> pd.DataFrame:
-    """Every committed ``reports/**/perf/<name>`` row measured on a GPU (empty without one)."""
-    frames = [pd.read_csv(p) for p in sorted((root / "reports").glob(f"**/perf/{name}"))]
+def gpu_rows(root: Path, pattern: str) -> pd.DataFrame:
+    """Every row of the committed ``reports/<pattern>`` CSV files measured on a GPU (empty without one)."""
+    frames = [pd.read_csv(p) for p in sorted((root / "reports").glob(pattern))]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["device", "gpu"])
     return df[df["device"] == "cuda"].reset_index(drop=True)
 
@@ -230,22 +231,14 @@ def gpu_results(root: Path) -> pd.DataFrame:
     return df[df["device"] == "cuda"].reset_index(drop=True)
 
 
-def gpu_training(root: Path) -> pd.DataFrame:
-    """Every committed training row measured on a GPU."""
-    paths = sorted((root / "reports").glob("**/training.csv"))
-    frames = [pd.read_csv(p) for p in paths]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["device"])
-    return df[df["device"] == "cuda"].reset_index(drop=True)
-
-
 def blocks(root: Path) -> dict[str, Callable[[], str]]:
     """Each block's text, computed when asked for (the results files read once)."""
     results = functools.cache(lambda: gpu_results(root))
     return {"claims": lambda: claims_block(results()),
             "targets": lambda: targets_block(results()),
-            "training": lambda: training_block(gpu_training(root)),
-            "ablation": lambda: ablation_block(gpu_perf_table(root, "ablation.csv")),
-            "gemm": lambda: gemm_block(gpu_perf_table(root, "gemm.csv")),
+            "training": lambda: training_block(gpu_rows(root, "**/training.csv")),
+            "ablation": lambda: ablation_block(gpu_rows(root, "**/perf/ablation.csv")),
+            "gemm": lambda: gemm_block(gpu_rows(root, "**/perf/gemm.csv")),
             "dashboard": lambda: dashboard_block(root)}
 
 
