@@ -223,10 +223,22 @@ class ResultsStore:
 # ----------------------------------------------------------------------------- claims
 
 
-def _latest(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (gpu, competitor, cell): the last ok row, else the last row."""
-    ranked = df.assign(_ok=(df["status"] == "ok").astype(int)).sort_values("_ok", kind="stable")
-    return ranked.drop_duplicates([*CELL_KEYS, "competitor"], keep="last").drop(columns="_ok")
+def latest_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (gpu, competitor, cell): its newest ok row, else its newest row.
+
+    Newest by ``timestamp`` where rows have one (a row without one counts as older), then by order
+    in the table. A rerun after a change supersedes the older measurement instead of being
+    averaged with it; a failed rerun does not hide an earlier success. The claims, the targets and
+    the dashboard all read cells through this one rule, so they quote the same figures.
+    """
+    if df.empty:
+        return df.copy()
+    stamp = df["timestamp"].fillna("").astype(str) if "timestamp" in df.columns else pd.Series("", df.index)
+    ranked = df.assign(_ok=(df["status"] == "ok").astype(int), _stamp=stamp.to_numpy())
+    ranked = ranked.sort_values(["_ok", "_stamp"], kind="stable")
+    newest = ranked.drop_duplicates([*CELL_KEYS, "competitor"], keep="last")
+    order = ["gpu", "competitor", *CELL_KEYS[1:]]
+    return newest.drop(columns=["_ok", "_stamp"]).sort_values(order, kind="stable").reset_index(drop=True)
 
 
 def _by_cell(cells: pd.DataFrame, competitor: str | None) -> dict[tuple, pd.Series]:
@@ -264,7 +276,7 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
     """
     if df.empty:
         return pd.DataFrame(columns=CLAIM_COLUMNS)
-    cells = _latest(normalise(df))
+    cells = latest_cells(normalise(df))
     ours = cells[cells["competitor"].str.startswith(OURS_PREFIX) & (cells["status"] == "ok")]
     fp32, tf32 = _by_cell(cells, BASELINE_FP32), _by_cell(cells, BASELINE_TF32)
     rows = []

@@ -21,7 +21,7 @@ measured is a row that says so (``met`` NaN), never left out. The speed and effi
 also get a "best variant" row per cell: the fastest ``rampde-*`` competitor of the same precision
 (``rampde-bf16-fast`` is one); only the named competitor's rows decide the target, and its note
 says when only a variant meets it. Ratios come from ``results.claims`` and the latest row of each
-cell (``results._latest``): nothing here re-derives what the results module already computes.
+cell (``results.latest_cells``): nothing here re-derives what the results module already computes.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from .results import (
     BASELINE_TF32,
     CELL_KEYS,
     OURS_PREFIX,
-    _latest,
     claims,
+    latest_cells,
     normalise,
 )
 
@@ -385,7 +385,7 @@ def evaluate_targets(df: pd.DataFrame) -> pd.DataFrame:
     target as not measured (gpu '').
     """
     table = normalise(df)
-    latest = _latest(table) if len(table) else table
+    latest = latest_cells(table)
     per_cell = claims(table)
     gpus = sorted(set(latest["gpu"])) or [""]
     rows: list[dict] = []

@@ -18,6 +18,7 @@ pd = pytest.importorskip("pandas")
 pytest.importorskip("plotly")
 
 from rampde.bench import report  # noqa: E402
+from rampde.bench.results import claims as per_cell_claims  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"
 A100 = "NVIDIA A100-SXM4-40GB"
@@ -281,13 +282,32 @@ def test_claims_on_cpu_say_memory_not_measured() -> None:
     assert memory["held"] is None and memory["note"] == "peak memory was not measured on the CPU"
 
 
-def test_duplicate_rows_of_a_cell_are_collapsed_to_their_median() -> None:
+def test_a_rerun_of_a_cell_replaces_the_older_measurement() -> None:
     df = _claims_table()
-    extra = df[df["competitor"] == "rampde-bf16"].assign(time_ms_median=[15.0, 25.0])
-    speed = _claim(report.compute_claims(pd.concat([df, extra, extra])), "rampde-bf16", "speedup")
-    # w=64: median of 5, 15, 15 is 15 -> 10/15; w=128: 25 -> 40/25 = 1.6
-    assert speed["best"] == pytest.approx(1.6) and speed["best_cell"] == "mlp w=128 b=8 N=16"
-    assert speed["worst"] == pytest.approx(10.0 / 15.0) and speed["n_cells"] == 2
+    ours = df[df["competitor"] == "rampde-bf16"]
+    first, second = ours.assign(time_ms_median=[15.0, 25.0]), ours.assign(time_ms_median=[20.0, 50.0])
+    failed = ours.assign(status="error", time_ms_median=math.nan)
+    speed = _claim(report.compute_claims(pd.concat([df, first, second, failed])), "rampde-bf16", "speedup")
+    # the newest ok row counts (a median of 5, 15, 20 would give 15): 10/20 and 40/50
+    assert (speed["best"], speed["best_cell"]) == (pytest.approx(0.8), "mlp w=128 b=8 N=16")
+    assert (speed["worst"], speed["n_cells"]) == (pytest.approx(0.5), 2)
+    # newest by timestamp, not by the order of the files
+    stamped = pd.concat([df.assign(timestamp="2026-01-02T00:00:00Z"),
+                         first.assign(timestamp="2026-01-01T00:00:00Z")])
+    speed = _claim(report.compute_claims(stamped), "rampde-bf16", "speedup")
+    assert (speed["best"], speed["worst"]) == (pytest.approx(2.0), pytest.approx(1.6))
+
+
+def test_the_dashboard_and_the_claims_command_quote_the_same_cells() -> None:
+    df = _claims_table()
+    rerun = df[df["competitor"] == "rampde-bf16"].assign(time_ms_median=[20.0, 50.0])
+    both = pd.concat([df, rerun], ignore_index=True)
+    per_cell = per_cell_claims(both)
+    mine = per_cell[per_cell["competitor"] == "rampde-bf16"]
+    speed = _claim(report.compute_claims(both), "rampde-bf16", "speedup")
+    assert (speed["best"], speed["worst"]) == (mine["speedup_vs_fp32"].max(), mine["speedup_vs_fp32"].min())
+    memory = _claim(report.compute_claims(both), "rampde-bf16", "memory")
+    assert memory["worst"] == mine["mem_ratio_vs_fp32"].max()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,20 +6,18 @@ import math
 
 import pandas as pd
 
-from .schema import CELL_COLUMNS, NUMERIC_COLUMNS
+from ..results import BASELINE_FP32, BASELINE_TF32, NAIVE, OURS_PREFIX, claims, latest_cells
+from .schema import CELL_COLUMNS
 from .style import cell_label, competitor_order, precision_of
 
 # --------------------------------------------------------------------------------------------
 # Claims of the paper and their thresholds
 # --------------------------------------------------------------------------------------------
 
-BASELINE_FP32 = "torchdiffeq-fp32"
-BASELINE_TF32 = "torchdiffeq-tf32"
-NAIVE_RECIPE = {"fp16": "autocast-fp16", "bf16": "autocast-bf16"}
+NAIVE_RECIPE = NAIVE  # the naive autocast recipe of each 16-bit precision
 SPEEDUP_MIN = 1.8  # "about 2x faster" than torchdiffeq-fp32
 MEMORY_RATIO_MAX = 0.55  # "about half the memory" of torchdiffeq-fp32
 GRAD_ERR_MAX = {"fp16": 0.01, "bf16": 0.03}  # "accuracy kept": relative error bound
-OURS_PREFIX = "rampde-"
 
 CLAIM_TEXT = {
     "speedup": ("about 2× faster", f"speedup ≥ {SPEEDUP_MIN} in the best cell"),
@@ -38,50 +36,39 @@ CLAIM_TEXT = {
 
 
 def collapse_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (gpu, competitor, cell): the median of its ok rows, else its last row."""
-    keys = ["gpu", "competitor", *CELL_COLUMNS]
-    if df.empty:
-        return df.copy()
-    ok = df[df["status"] == "ok"]
-    numeric = [c for c in NUMERIC_COLUMNS if c in df.columns]
-    others = [c for c in df.columns if c not in numeric and c not in keys]
-    agg = {**{c: "median" for c in numeric}, **{c: "last" for c in others}}
-    ok_cells = ok.groupby(keys, sort=False, dropna=False).agg(agg).reset_index()
-    failed = df[df["status"] != "ok"].drop_duplicates(keys, keep="last")
-    ok_index = pd.MultiIndex.from_frame(ok_cells[keys]) if len(ok_cells) else None
-    if ok_index is not None and len(failed):
-        failed = failed[~pd.MultiIndex.from_frame(failed[keys]).isin(ok_index)]
-    out = pd.concat([ok_cells, failed], ignore_index=True)
-    return out.sort_values(keys, kind="stable").reset_index(drop=True)
+    """One row per (gpu, competitor, cell): ``results.latest_cells``, the rule the claims table of
+    ``rampde-bench claims`` and the targets use too."""
+    return latest_cells(df)
 
 
-def _paired(gpu_cells: pd.DataFrame, ours: str, other: str, metric: str) -> pd.DataFrame:
-    """Cells where both ran ok with a finite ``metric``: columns ``ours``, ``other``, ``cell``.
+# The claims judged on ``results.claims``' per-cell columns: (claim, baseline, value column,
+# baseline's column or None, the results column behind it for the notes).
+PLAN = (
+    ("speedup", BASELINE_FP32, "speedup_vs_fp32", None, "time_ms_median"),
+    ("speedup_tf32", BASELINE_TF32, "speedup_vs_tf32", None, "time_ms_median"),
+    ("memory", BASELINE_FP32, "mem_ratio_vs_fp32", None, "peak_mem_bytes"),
+)
+ACCURACY = ("accuracy", None, "grad_err", "naive_grad_err", "grad_err_params")
 
-    For the naive recipe a non-finite run counts as an infinite gradient error.
-    """
-    mine = gpu_cells[(gpu_cells["competitor"] == ours) & (gpu_cells["status"] == "ok")]
-    theirs = gpu_cells[gpu_cells["competitor"] == other].copy()
-    if metric == "grad_err_params":
-        theirs.loc[theirs["status"] == "nonfinite", metric] = math.inf
-        theirs = theirs[theirs["status"].isin(["ok", "nonfinite"])]
-    else:
-        theirs = theirs[theirs["status"] == "ok"]
-    keys = list(CELL_COLUMNS)
-    both = mine[keys + [metric]].merge(
-        theirs[keys + [metric]], on=keys, suffixes=("_ours", "_other")
-    )
-    both = both.rename(columns={f"{metric}_ours": "ours", f"{metric}_other": "other"})
-    both = both[both["ours"].notna() & both["other"].notna()]
-    both = both.sort_values(keys, kind="stable").reset_index(drop=True)
-    both["cell"] = [cell_label(r) for r in both[keys].to_dict("records")]
-    return both
+
+def _judged(per_cell: pd.DataFrame, value: str, other: str | None) -> pd.DataFrame:
+    """The cells that allow a verdict: columns ``value``, ``other`` (the naive recipe's error, or
+    NaN) and ``cell`` (its label); a non-finite naive run is already an infinite error there."""
+    keep = per_cell[value].notna()
+    if other is not None:
+        keep &= per_cell[other].notna()
+    rows = per_cell[keep].sort_values(list(CELL_COLUMNS), kind="stable").reset_index(drop=True)
+    return pd.DataFrame({
+        "value": rows[value].astype(float),
+        "other": rows[other].astype(float) if other is not None else math.nan,
+        "cell": [cell_label(r) for r in rows[list(CELL_COLUMNS)].to_dict("records")],
+    })  # fmt: skip
 
 
 def _claim_row(
-    gpu: str, ours: str, claim: str, against: str, pairs: pd.DataFrame, limit: float = math.nan
+    gpu: str, ours: str, claim: str, against: str, judged: pd.DataFrame, limit: float = math.nan
 ) -> dict:
-    """One claim of one competitor on one GPU, judged over the paired cells.
+    """One claim of one competitor on one GPU, judged over the cells of ``_judged``.
 
     ``limit`` is the gradient-error bound of the accuracy claim (a fraction).
     """
@@ -89,32 +76,30 @@ def _claim_row(
     rule = rule.format(limit=100 * limit)
     row = {
         "gpu": gpu, "competitor": ours, "claim": claim, "claim_text": text, "against": against,
-        "rule": rule, "n_cells": len(pairs), "n_meeting": 0, "best": math.nan,
+        "rule": rule, "n_cells": len(judged), "n_meeting": 0, "best": math.nan,
         "best_cell": "", "best_against": math.nan, "worst": math.nan, "worst_cell": "",
         "worst_against": math.nan, "held": None, "note": "", "baseline_oom": 0,
     }  # fmt: skip
-    if pairs.empty:
+    if judged.empty:
         return row
+    value = judged["value"]
     if claim in ("speedup", "speedup_tf32"):
-        value = pairs["other"] / pairs["ours"]
         best_i, worst_i = value.idxmax(), value.idxmin()
         meets = value >= SPEEDUP_MIN
     elif claim == "memory":
-        value = pairs["ours"] / pairs["other"]
         best_i, worst_i = value.idxmin(), value.idxmax()
         meets = value <= MEMORY_RATIO_MAX
     else:
-        value = pairs["ours"]
         best_i, worst_i = value.idxmin(), value.idxmax()
-        meets = (value <= pairs["other"]) & (value <= limit)
+        meets = (value <= judged["other"]) & (value <= limit)
     row.update(
         n_meeting=int(meets.sum()),
-        best=float(value[best_i]), best_cell=pairs.at[best_i, "cell"],
-        worst=float(value[worst_i]), worst_cell=pairs.at[worst_i, "cell"],
+        best=float(value[best_i]), best_cell=judged.at[best_i, "cell"],
+        worst=float(value[worst_i]), worst_cell=judged.at[worst_i, "cell"],
     )  # fmt: skip
     if claim == "accuracy":
-        row.update(best_against=float(pairs.at[best_i, "other"]))
-        row.update(worst_against=float(pairs.at[worst_i, "other"]))
+        row.update(best_against=float(judged.at[best_i, "other"]))
+        row.update(worst_against=float(judged.at[worst_i, "other"]))
         row["held"] = bool(meets.all())
     elif claim != "speedup_tf32":
         row["held"] = bool(meets.any())  # "up to": the best cell meets the threshold
@@ -145,35 +130,34 @@ def _baseline_oom_cells(gpu_cells: pd.DataFrame, ours: str, against: str) -> int
 def compute_claims(df: pd.DataFrame) -> pd.DataFrame:
     """The paper's claims per GPU model and ``rampde-*`` competitor, judged on the results.
 
-    Speedup = baseline time / our time in the same cell (same workload, method, width, batch,
-    steps); memory ratio = our peak / torchdiffeq-fp32's; accuracy compares ``grad_err_params``
-    with the naive autocast recipe of the same precision. ``held`` is True/False, or None when no
-    cell allows a verdict (``note`` says why) or when the row is reported without a claim.
-    The best and the worst cell are named with their value; ``baseline_oom`` counts the cells
-    where ours ran and the baseline ran out of memory (they have no ratio).
+    The figures are ``results.claims``' per cell (the newest ok row of each cell): speedup =
+    baseline time / our time in the same cell (same workload, method, width, batch, steps); memory
+    ratio = our peak / torchdiffeq-fp32's; accuracy compares ``grad_err_params`` with the naive
+    autocast recipe of the same precision. ``held`` is True/False, or None when no cell allows a
+    verdict (``note`` says why) or when the row is reported without a claim. The best and the
+    worst cell are named with their value; ``baseline_oom`` counts the cells where ours ran and
+    the baseline ran out of memory (they have no ratio).
     """
     rows: list[dict] = []
     if df.empty:
         return pd.DataFrame(rows, columns=list(_claim_row("", "", "speedup", "", pd.DataFrame())))
-    cells = collapse_cells(df)
+    cells, per_cell = collapse_cells(df), claims(df)
     for gpu in sorted(cells["gpu"].unique()):
         gpu_cells = cells[cells["gpu"] == gpu]
         names = competitor_order(gpu_cells["competitor"])
         for ours in [c for c in names if c.startswith(OURS_PREFIX)]:
             precision = (gpu_cells.loc[gpu_cells["competitor"] == ours, "precision"].iloc[0]
                          or precision_of(ours))  # fmt: skip
-            plan = [
-                ("speedup", BASELINE_FP32, "time_ms_median"),
-                ("speedup_tf32", BASELINE_TF32, "time_ms_median"),
-                ("memory", BASELINE_FP32, "peak_mem_bytes"),
-            ]
+            plan = list(PLAN)
             if precision in NAIVE_RECIPE:
-                plan.append(("accuracy", NAIVE_RECIPE[precision], "grad_err_params"))
+                claim, _, value, other, metric = ACCURACY
+                plan.append((claim, NAIVE_RECIPE[precision], value, other, metric))
             limit = GRAD_ERR_MAX.get(precision, math.nan)
-            for claim, against, metric in plan:
-                pairs = _paired(gpu_cells, ours, against, metric)
-                row = _claim_row(gpu, ours, claim, against, pairs, limit)
-                notes = [_no_cells_note(gpu_cells, ours, against, metric)] if pairs.empty else []
+            mine = per_cell[(per_cell["gpu"] == gpu) & (per_cell["competitor"] == ours)]
+            for claim, against, value, other, metric in plan:
+                judged = _judged(mine, value, other)
+                row = _claim_row(gpu, ours, claim, against, judged, limit)
+                notes = [_no_cells_note(gpu_cells, ours, against, metric)] if judged.empty else []
                 row["baseline_oom"] = _baseline_oom_cells(gpu_cells, ours, against)
                 if row["baseline_oom"] and claim != "accuracy":
                     n = row["baseline_oom"]

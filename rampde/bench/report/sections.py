@@ -98,7 +98,7 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
         parts.append(claims_html(claims, colours))
         parts.append(
             '<p class="note">Speedup = time of the baseline / time of rampde in the same cell '
-            "(workload, width, batch, steps); memory ratio = peak allocator memory of rampde / "
+            "(workload, width, batch, steps; its newest successful run); memory ratio = peak allocator memory of rampde / "
             "torchdiffeq-fp32's; accuracy = relative error of the parameter gradient against "
             "fp64. Best and worst are over the cells where both ran.</p>"
         )
