@@ -24,11 +24,9 @@ look-ups (``training_recipes``) and the parity table and figures (``training_rep
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,9 +409,3 @@ def run_training(
     mine = (df["task"] == task) & df["competitor"].isin(list(competitors)) & (df["seed"] == seed)
     return df[mine & (df["epoch"] <= epochs)].reset_index(drop=True)
 
-
-if __name__ == "__main__":  # pragma: no cover - the CLI proper is rampde-bench train
-    from .training_cli import add_train_arguments, main_train
-
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(main_train(add_train_arguments(argparse.ArgumentParser(prog="rampde-bench train")).parse_args()))

@@ -127,3 +127,11 @@ def main_train(args: argparse.Namespace) -> int:
         return 2
     console.print(f"results: {Path(args.out) / CSV_NAME}")
     return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the command proper is rampde-bench train
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main_train(add_train_arguments(argparse.ArgumentParser(prog="rampde-bench train")).parse_args()))
