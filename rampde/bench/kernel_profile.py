@@ -94,9 +94,11 @@ SUMMARY_KEYS: dict[str, str] = {
 # On CUDA a kernel is put in the first category whose rule it meets, in this order:
 # memcpy (MEMCPY_KERNEL), matmul (MATMUL_KERNEL on the kernel's name: cuBLAS/cuBLASLt gemm and
 # nvjet kernels, CUTLASS, sm80/sm90 xmma, cuDNN convolutions), cast (launched by a CAST_OPS op or
-# named like CAST_KERNEL: a copy that changes the dtype; a same-dtype copy is a memcpy), elementwise
-# (ELEMENTWISE_KERNEL), reduction (REDUCTION_KERNEL), other.
-# On the CPU an aten op is matched on its name: MATMUL_OPS, CAST_OPS, ELEMENTWISE_OPS, REDUCTION_OPS.
+# named like CAST_KERNEL: a copy that changes the dtype; a copy whose source and destination have
+# the same dtype, by the op's recorded input dtypes, is a memcpy), elementwise (ELEMENTWISE_KERNEL),
+# reduction (REDUCTION_KERNEL), other.
+# On the CPU an aten op is matched on its name: MATMUL_OPS, CAST_OPS (a same-dtype copy: memcpy),
+# ELEMENTWISE_OPS, REDUCTION_OPS. The top-operator table goes by name alone.
 MEMCPY_KERNEL = re.compile(r"^mem(cpy|set)", re.IGNORECASE)
 MATMUL_KERNEL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|cudnn|conv(?!ert)|implicit|wgrad|dgrad|fprop|winograd"
                            r"|sm\d{2,3}_", re.IGNORECASE)
@@ -108,6 +110,7 @@ MATMUL_OPS = re.compile(r"^aten::(mm|addmm|bmm|baddbmm|addbmm|matmul|linear|mv|a
                         r"|_slow_conv\w*|thnn_conv\w*)$")
 CAST_OPS = frozenset({"aten::to", "aten::_to_copy", "aten::copy_", "aten::_copy_from",
                       "aten::_copy_from_and_resize"})
+COPY_OPS = frozenset({"aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize"})  # (dst, src, ...)
 ELEMENTWISE_OPS = re.compile(
     r"^aten::(add|sub|rsub|mul|div|neg|tanh|tanh_backward|sigmoid|sigmoid_backward|relu|threshold_backward"
     r"|gelu|gelu_backward|silu|silu_backward|pow|exp|exp2|log|sqrt|rsqrt|square|abs|sign|clamp|clamp_min"
@@ -119,12 +122,20 @@ SYNC_CALLS = re.compile(r"^cu(da)?(Stream|Device|Event|Ctx)Synchronize|^cudaMemc
 LAUNCH_CALLS = re.compile(r"^cu(da)?(Launch\w*Kernel\w*|GraphLaunch)")
 
 
-def categorise_kernel(kernel: str, op: str = "") -> str:
-    """Category of a device activity named ``kernel``, launched by the aten op ``op`` (may be '')."""
+def same_dtype_copy(op: str, dtypes: Sequence[str] = ()) -> bool:
+    """Whether the aten op ``op`` with recorded input dtypes ``dtypes`` copies without a cast."""
+    return op in COPY_OPS and len(dtypes) >= 2 and bool(dtypes[0]) and dtypes[0] == dtypes[1]
+
+
+def categorise_kernel(kernel: str, op: str = "", dtypes: Sequence[str] = ()) -> str:
+    """Category of a device activity named ``kernel``, launched by the aten op ``op`` (may be '')
+    whose recorded input dtypes are ``dtypes`` (may be empty)."""
     if MEMCPY_KERNEL.search(kernel):
         return "memcpy"
     if MATMUL_KERNEL.search(kernel):
         return "matmul"
+    if same_dtype_copy(op, dtypes):
+        return "memcpy"
     if op in CAST_OPS or CAST_KERNEL.search(kernel):
         return "cast"
     if ELEMENTWISE_KERNEL.search(kernel):
@@ -134,14 +145,17 @@ def categorise_kernel(kernel: str, op: str = "") -> str:
     return "other"
 
 
-def categorise_op(name: str) -> str:
-    """Category of a host event: an aten op by name, a CUDA runtime call (sync, launch), or other."""
+def categorise_op(name: str, dtypes: Sequence[str] = ()) -> str:
+    """Category of a host event: an aten op by name (and, for a copy, its recorded input dtypes
+    ``dtypes``), a CUDA runtime call (sync, launch), or other."""
     if SYNC_CALLS.search(name):
         return "sync"
     if LAUNCH_CALLS.search(name):
         return "launch"
     if MATMUL_OPS.search(name):
         return "matmul"
+    if same_dtype_copy(name, dtypes):
+        return "memcpy"
     if name in CAST_OPS:
         return "cast"
     if ELEMENTWISE_OPS.search(name):
@@ -152,6 +166,11 @@ def categorise_op(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- profile
+
+
+def _dtypes(event: Any) -> list[str]:
+    """The recorded input dtypes of a host event ([] when shapes were not recorded)."""
+    return list(getattr(event, "input_dtypes", None) or [])
 
 
 def _kineto_events(prof: torch.profiler.profile) -> list[Any]:
@@ -222,13 +241,14 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
                            "host_us_per_call": sum(hi - lo for lo, hi in ranges) / calls}
     if on_device:
         # A device event's linked_correlation_id is the id of the aten op that launched it.
-        launched_by = {e.id: e.name for e in host if not getattr(e, "linked_correlation_id", 0)}
+        launched_by = {e.id: e for e in host if not getattr(e, "linked_correlation_id", 0)}
         total = 0.0
         for e in device:
             duration = e.time_range.end - e.time_range.start
             total += duration
-            op = launched_by.get(getattr(e, "linked_correlation_id", 0), "")
-            categories[categorise_kernel(e.name, op)] += duration
+            op = launched_by.get(getattr(e, "linked_correlation_id", 0))
+            category = categorise_kernel(e.name, op.name, _dtypes(op)) if op is not None else categorise_kernel(e.name)
+            categories[category] += duration
         syncs: dict[str, int] = {}
         for e in host:
             if SYNC_CALLS.search(e.name) and _inside(e.time_range.start, ranges):
@@ -247,7 +267,7 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
         for e in host:
             if e.is_async:
                 continue
-            category = categorise_op(e.name)
+            category = categorise_op(e.name, _dtypes(e))
             total += e.self_cpu_time_total
             categories[category if category in categories else "other"] += e.self_cpu_time_total
         out.update(time_basis="cpu self time",
@@ -278,7 +298,8 @@ def profile_competitor(name: str, workload: Workload, steps: int, *, calls: int 
     on_device = device.type == "cuda"
     if on_device:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    # record_shapes: the input dtypes, which tell a cast from a plain copy
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(calls):
             with torch.profiler.record_function(MARK):
                 out = run(workload, steps)
@@ -344,9 +365,9 @@ def run_profiles(competitors: Sequence[str], cells: Sequence[PerfCell], out_dir:
 _PATTERNS = {
     "cuda": "kernels by name (and launching aten op): memcpy ^mem(cpy|set); matmul " + MATMUL_KERNEL.pattern
             + "; cast: launched by " + ", ".join(sorted(CAST_OPS)) + " or " + CAST_KERNEL.pattern
-            + "; elementwise " + ELEMENTWISE_KERNEL.pattern + "; reduction " + REDUCTION_KERNEL.pattern,
+            + " (a copy between equal dtypes: memcpy); elementwise " + ELEMENTWISE_KERNEL.pattern + "; reduction " + REDUCTION_KERNEL.pattern,
     "cpu": "aten ops' self CPU time by name: matmul " + MATMUL_OPS.pattern + "; cast " + ", ".join(sorted(CAST_OPS))
-           + "; elementwise " + ELEMENTWISE_OPS.pattern + "; reduction " + REDUCTION_OPS.pattern,
+           + " (a copy between equal dtypes: memcpy); elementwise " + ELEMENTWISE_OPS.pattern + "; reduction " + REDUCTION_OPS.pattern,
     "syncs": SYNC_CALLS.pattern,
     "launches": LAUNCH_CALLS.pattern,
 }

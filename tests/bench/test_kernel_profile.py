@@ -132,3 +132,31 @@ def test_kernel_categories(kernel, op, category):
 ])
 def test_op_categories(op, category):
     assert categorise_op(op) == category
+
+
+@pytest.mark.parametrize("dtypes, category", [
+    (["c10::Half", "float", "Scalar"], "cast"), (["float", "c10::BFloat16", "Scalar"], "cast"),
+    (["float", "float", "Scalar"], "memcpy"), (["c10::Half", "c10::Half", "Scalar"], "memcpy"),
+    ([], "cast"),  # no recorded dtypes: by name
+])
+def test_a_copy_is_a_cast_only_when_the_dtype_changes(dtypes, category):
+    assert categorise_op("aten::copy_", dtypes) == category
+    copy_kernel = "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>"
+    assert categorise_kernel(copy_kernel, "aten::copy_", dtypes) == category
+
+
+def _copies_profiled(destination: torch.Tensor, source: torch.Tensor) -> dict:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.profiler.record_function(MARK):
+            for _ in range(20):
+                destination.copy_(source)
+    ranges = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.name == MARK]
+    return kernel_profile._summarise(prof, 1, False, ranges)
+
+
+def test_the_summary_tells_a_cast_from_a_copy_on_a_real_profile():
+    source = torch.randn(256, 256)
+    same = _copies_profiled(torch.empty_like(source), source)
+    assert same["memcpy_time_us_per_call"] > 0 and same["cast_time_us_per_call"] == 0
+    half = _copies_profiled(torch.empty(256, 256, dtype=torch.float16), source)
+    assert half["cast_time_us_per_call"] > 0 and half["memcpy_time_us_per_call"] == 0
