@@ -71,7 +71,9 @@ SUMMARY_KEYS: dict[str, str] = {
     "status": "ok, oom or error", "message": "error text",
     "time_basis": "'cuda kernels' (device time) or 'cpu self time' (no device: aten ops' self time)",
     "wall_us_per_call": "host wall time of the profiled calls (to the last kernel's end on CUDA) / calls",
-    "host_us_per_call": "time the host spent inside the calls (launching, or computing on the CPU) / calls",
+    "host_us_per_call": "time the host spent inside the calls (launching, or computing on the CPU) / calls, "
+                        "under the profiler (which records each op's shapes and dtypes): for the solve's own "
+                        "host time, see the sweep's timings",
     "device_time_us_per_call": "sum of the time basis per call: kernels + memcpy + memset, or ops' self CPU time",
     "matmul_time_us_per_call": "in matmul and conv kernels / ops (MATMUL_* patterns)",
     "cast_time_us_per_call": "in dtype casts (CAST_* patterns: aten::to / _to_copy / copy_ and copy kernels)",
