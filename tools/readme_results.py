@@ -169,13 +169,13 @@ def ablation_block(df: pd.DataFrame) -> str:
 def _gemm_section(gpu: str, rows: pd.DataFrame) -> list[str]:
     table = []
     ok = rows[rows["status"] == "ok"]
+
+    def tflops(r: dict | None) -> str:
+        return "—" if r is None else _number(r["tflops"]) if r["status"] == "ok" else str(r["status"])
+
     for (precision, m, n), group in rows.groupby(["precision", "m", "n"], sort=False):
         by_k = {int(r["k"]): r for r in group.to_dict("records")}
         even, odd = by_k.get(int(n)), by_k.get(int(n) + 1)
-
-        def tflops(r: dict | None) -> str:
-            return "—" if r is None else _number(r["tflops"]) if r["status"] == "ok" else str(r["status"])
-
         table.append([precision, int(m), int(n), tflops(even), tflops(odd),
                       _number(odd["vs_aligned"]) if odd is not None else "—",
                       f"`{odd['top_kernel']}`" if odd is not None and isinstance(odd["top_kernel"], str) else "—"])
@@ -209,10 +209,12 @@ def gemm_block(df: pd.DataFrame) -> str:
     return _per_gpu(df, _gemm_section)
 
 
-def gpu_rows(root: Path, pattern: str) -> pd.DataFrame:
-    """Every row of the committed ``reports/<pattern>`` CSV files measured on a GPU (empty without one)."""
-    frames = [pd.read_csv(p) for p in sorted((root / "reports").glob(pattern))]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["device", "gpu"])
+def gpu_rows(root: Path, pattern: str, read: Callable[[Path], pd.DataFrame] = pd.read_csv,
+             empty: Callable[[], pd.DataFrame] = lambda: pd.DataFrame(columns=["device", "gpu"])) -> pd.DataFrame:
+    """Every row of the committed ``reports/<pattern>`` CSV files (each read by ``read``) measured on
+    a GPU; ``empty()`` without a file."""
+    frames = [read(p) for p in sorted((root / "reports").glob(pattern))]
+    df = pd.concat(frames, ignore_index=True) if frames else empty()
     return df[df["device"] == "cuda"].reset_index(drop=True)
 
 
@@ -224,11 +226,8 @@ def dashboard_block(root: Path) -> str:
 
 
 def gpu_results(root: Path) -> pd.DataFrame:
-    """Every committed sweep row measured on a GPU."""
-    paths = sorted((root / "reports").glob("**/results.csv"))
-    frames = [read_results(p) for p in paths]
-    df = pd.concat(frames, ignore_index=True) if frames else empty_results()
-    return df[df["device"] == "cuda"].reset_index(drop=True)
+    """Every committed sweep row measured on a GPU, typed by the results schema."""
+    return gpu_rows(root, "**/results.csv", read_results, empty_results)
 
 
 def blocks(root: Path) -> dict[str, Callable[[], str]]:

@@ -21,7 +21,7 @@ The modules: ``schema`` (the results columns read), ``style`` (colours and small
 
 from .claims import (
     BASELINE_FP32, BASELINE_TF32, CLAIM_TEXT, GRAD_ERR_MAX, MEMORY_RATIO_MAX, NAIVE_RECIPE,
-    OURS_PREFIX, SPEEDUP_MIN, collapse_cells, compute_claims,
+    OURS_PREFIX, SPEEDUP_MIN, compute_claims,
 )  # fmt: skip
 from .figures import (
     accuracy_figure, asv_figure, largest_cell, line_figure, memory_bars, pick_slice,
@@ -46,7 +46,7 @@ __all__ = [
     "OURS_PREFIX", "PALETTE", "REQUIRED_COLUMNS", "SPEEDUP_MIN", "STRING_COLUMNS",
     "TIMELINE_COLUMNS", "TRAINING_NUMERIC", "TRAINING_REQUIRED", "UNKNOWN_GPU", "Section",
     "accuracy_figure", "asv_figure", "build_dashboard", "cell_label", "claims_html",
-    "collapse_cells", "competitor_colours", "competitor_order", "compute_claims", "env_html",
+    "competitor_colours", "competitor_order", "compute_claims", "env_html",
     "largest_cell", "line_figure", "load_asv", "load_results", "load_timelines",
     "load_training", "memory_bars", "page_html", "pick_slice", "precision_of", "section_html",
     "slug", "targets_html", "timeline_figure", "training_html",

@@ -35,20 +35,14 @@ CLAIM_TEXT = {
 # ============================================================================================
 
 
-def collapse_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (gpu, competitor, cell): ``results.latest_cells``, the rule the claims table of
-    ``rampde-bench claims`` and the targets use too."""
-    return latest_cells(df)
-
-
 # The claims judged on ``results.claims``' per-cell columns: (claim, baseline, value column,
-# baseline's column or None, the results column behind it for the notes).
+# baseline's column or None, the results column behind it for the notes). ``compute_claims`` adds
+# the accuracy claim of a 16-bit competitor against its naive recipe.
 PLAN = (
     ("speedup", BASELINE_FP32, "speedup_vs_fp32", None, "time_ms_median"),
     ("speedup_tf32", BASELINE_TF32, "speedup_vs_tf32", None, "time_ms_median"),
     ("memory", BASELINE_FP32, "mem_ratio_vs_fp32", None, "peak_mem_bytes"),
 )
-ACCURACY = ("accuracy", None, "grad_err", "naive_grad_err", "grad_err_params")
 
 
 def _judged(per_cell: pd.DataFrame, value: str, other: str | None) -> pd.DataFrame:
@@ -141,7 +135,7 @@ def compute_claims(df: pd.DataFrame) -> pd.DataFrame:
     rows: list[dict] = []
     if df.empty:
         return pd.DataFrame(rows, columns=list(_claim_row("", "", "speedup", "", pd.DataFrame())))
-    cells, per_cell = collapse_cells(df), claims(df)
+    cells, per_cell = latest_cells(df), claims(df)
     for gpu in sorted(cells["gpu"].unique()):
         gpu_cells = cells[cells["gpu"] == gpu]
         names = competitor_order(gpu_cells["competitor"])
@@ -150,8 +144,7 @@ def compute_claims(df: pd.DataFrame) -> pd.DataFrame:
                          or precision_of(ours))  # fmt: skip
             plan = list(PLAN)
             if precision in NAIVE_RECIPE:
-                claim, _, value, other, metric = ACCURACY
-                plan.append((claim, NAIVE_RECIPE[precision], value, other, metric))
+                plan.append(("accuracy", NAIVE_RECIPE[precision], "grad_err", "naive_grad_err", "grad_err_params"))
             limit = GRAD_ERR_MAX.get(precision, math.nan)
             mine = per_cell[(per_cell["gpu"] == gpu) & (per_cell["competitor"] == ours)]
             for claim, against, value, other, metric in plan:

@@ -10,7 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from .claims import BASELINE_FP32, BASELINE_TF32, OURS_PREFIX, collapse_cells
+from ..results import latest_cells
+from .claims import BASELINE_FP32, BASELINE_TF32, OURS_PREFIX
 from .figures import (
     _base_layout, accuracy_figure, asv_figure, line_figure, memory_bars, timeline_figure,
 )  # fmt: skip
@@ -87,7 +88,7 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
     ``targets`` is this GPU's ``targets.targets_summary``; None leaves the targets table out.
     """
     res, sid = section.results, section.anchor
-    cells = collapse_cells(res) if not res.empty else res
+    cells = latest_cells(res)
     parts = [f'<section class="gpu" id="{sid}"><h2>{_esc(section.gpu)}</h2>']
     if not res.empty:
         parts.append(f'<p class="note">{_esc(_status_summary(res))}</p>')
