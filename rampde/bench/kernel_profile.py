@@ -31,7 +31,7 @@ from . import measure
 from .ablation import PerfCell, _write_json
 from .competitors import get_competitor
 from .results import write_csv_atomic
-from .sweep import _message, free_memory, is_oom
+from .sweep import failure_columns, free_memory
 from .workloads import Workload, build_workload
 
 log = logging.getLogger(__name__)
@@ -351,10 +351,8 @@ def run_profiles(competitors: Sequence[str], cells: Sequence[PerfCell], out_dir:
             entry.update(figures, csv=f"{stem}.csv", trace=trace_path.name if trace_path else None)
             del workload
         except Exception as exc:
-            if is_oom(exc):
-                entry.update(status="oom", message=_message(exc))
-            else:
-                entry.update(status="error", message=f"{type(exc).__name__}: {_message(exc)}")
+            entry.update(failure_columns(exc))
+            if entry["status"] == "error":
                 log.exception("profiling %s on %s failed", name, cell.label)
         free_memory()
         summary["profiles"][stem] = entry
