@@ -170,9 +170,24 @@ def categorise_op(name: str, dtypes: Sequence[str] = ()) -> str:
 # ----------------------------------------------------------------------------- profile
 
 
-def _dtypes(event: Any) -> list[str]:
-    """The recorded input dtypes of a host event ([] when shapes were not recorded)."""
-    return list(getattr(event, "input_dtypes", None) or [])
+def _dtype_reader(prof: torch.profiler.profile) -> Callable[[Any], list[str]]:
+    """A function giving the recorded input dtypes of a host event ([] when shapes were not recorded).
+
+    torch 2.12 and later keep them on the event (``input_dtypes``); torch 2.11 only on the
+    profiler's raw kineto events, whose correlation id is the event's ``id``."""
+    raw: dict[int, tuple[str, list[str]]] = {}
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    for k in results.events() if results is not None else ():
+        if k.device_type() == torch.autograd.DeviceType.CPU:
+            raw[k.correlation_id()] = (k.name(), list(k.dtypes()))
+
+    def dtypes(event: Any) -> list[str]:
+        own = getattr(event, "input_dtypes", None)
+        if own:
+            return list(own)
+        name, recorded = raw.get(event.id, ("", []))
+        return recorded if name == event.name else []
+    return dtypes
 
 
 def _kineto_events(prof: torch.profiler.profile) -> list[Any]:
@@ -235,6 +250,7 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
                ranges: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """Per-call totals by category, launches, syncs and GPU busy fraction from the profiler's events."""
     events = _kineto_events(prof)
+    _dtypes = _dtype_reader(prof)
     host = [e for e in events if not _is_device(e)]
     device = [e for e in events if _is_device(e) and not _is_annotation(e)]
     categories = dict.fromkeys(("matmul", "cast", "elementwise", "reduction", "memcpy", "other"), 0.0)
