@@ -170,24 +170,34 @@ def categorise_op(name: str, dtypes: Sequence[str] = ()) -> str:
 # ----------------------------------------------------------------------------- profile
 
 
-def _dtype_reader(prof: torch.profiler.profile) -> Callable[[Any], list[str]]:
-    """A function giving the recorded input dtypes of a host event ([] when shapes were not recorded).
+class _Recorded:
+    """The recorded input dtypes and launching op of a profiler event.
 
-    torch 2.12 and later keep them on the event (``input_dtypes``); torch 2.11 only on the
-    profiler's raw kineto events, whose correlation id is the event's ``id``."""
-    raw: dict[int, tuple[str, list[str]]] = {}
-    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
-    for k in results.events() if results is not None else ():
-        if k.device_type() == torch.autograd.DeviceType.CPU:
-            raw[k.correlation_id()] = (k.name(), list(k.dtypes()))
+    torch 2.12 and later keep both on the event (``input_dtypes``, ``linked_correlation_id``);
+    torch 2.11 only on the profiler's raw kineto events, whose correlation id is the event's ``id``
+    (host and device ids are counted apart, so a device flag and the name pick the right one)."""
 
-    def dtypes(event: Any) -> list[str]:
+    def __init__(self, prof: Any) -> None:
+        self._raw: dict[tuple[bool, int], list[tuple[str, list[str], int]]] = {}
+        results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+        for k in results.events() if results is not None else ():
+            key = (k.device_type() != torch.autograd.DeviceType.CPU, k.correlation_id())
+            self._raw.setdefault(key, []).append((k.name(), list(k.dtypes()), k.linked_correlation_id()))
+
+    def _find(self, event: Any) -> tuple[str, list[str], int]:
+        found = self._raw.get((_is_device(event), event.id), [])
+        named = [entry for entry in found if entry[0] == event.name]
+        return named[0] if named else found[0] if len(found) == 1 else ("", [], 0)
+
+    def dtypes(self, event: Any) -> list[str]:
+        """Input dtypes of a host event ([] when shapes were not recorded)."""
         own = getattr(event, "input_dtypes", None)
-        if own:
-            return list(own)
-        name, recorded = raw.get(event.id, ("", []))
-        return recorded if name == event.name else []
-    return dtypes
+        return list(own) if own else self._find(event)[1]
+
+    def launcher(self, event: Any) -> int:
+        """Id of the aten op that launched a device event or runtime call (0: none)."""
+        own = getattr(event, "linked_correlation_id", None)
+        return own if own is not None else self._find(event)[2]
 
 
 def _kineto_events(prof: torch.profiler.profile) -> list[Any]:
@@ -250,7 +260,7 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
                ranges: Sequence[tuple[float, float]]) -> dict[str, Any]:
     """Per-call totals by category, launches, syncs and GPU busy fraction from the profiler's events."""
     events = _kineto_events(prof)
-    _dtypes = _dtype_reader(prof)
+    recorded = _Recorded(prof)
     host = [e for e in events if not _is_device(e)]
     device = [e for e in events if _is_device(e) and not _is_annotation(e)]
     categories = dict.fromkeys(("matmul", "cast", "elementwise", "reduction", "memcpy", "other"), 0.0)
@@ -259,13 +269,14 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
                            "host_us_per_call": sum(hi - lo for lo, hi in ranges) / calls}
     if on_device:
         # A device event's linked_correlation_id is the id of the aten op that launched it.
-        launched_by = {e.id: e for e in host if not getattr(e, "linked_correlation_id", 0)}
+        launched_by = {e.id: e for e in host if not recorded.launcher(e)}
         total = 0.0
         for e in device:
             duration = e.time_range.end - e.time_range.start
             total += duration
-            op = launched_by.get(getattr(e, "linked_correlation_id", 0))
-            category = categorise_kernel(e.name, op.name, _dtypes(op)) if op is not None else categorise_kernel(e.name)
+            op = launched_by.get(recorded.launcher(e))
+            category = categorise_kernel(e.name, op.name, recorded.dtypes(op)) if op is not None else categorise_kernel(
+                e.name)
             categories[category] += duration
         syncs: dict[str, int] = {}
         for e in host:
@@ -285,7 +296,7 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
         for e in host:
             if e.is_async:
                 continue
-            category = categorise_op(e.name, _dtypes(e))
+            category = categorise_op(e.name, recorded.dtypes(e))
             total += e.self_cpu_time_total
             categories[category if category in categories else "other"] += e.self_cpu_time_total
         out.update(time_basis="cpu self time",

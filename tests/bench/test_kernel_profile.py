@@ -78,20 +78,49 @@ class _Event:
         self.is_async, self.is_user_annotation, self.self_cpu_time_total, self.kernels = False, False, 0.0, []
 
 
-def test_cuda_summary_from_profiler_events():
+class _Kineto:
+    """A raw kineto event as torch 2.11 gives it: dtypes and the launching op only here."""
+
+    def __init__(self, event, dtypes):
+        self._event, self._dtypes, self._linked = event, dtypes, event.linked_correlation_id
+
+    def device_type(self):
+        return self._event.device_type
+
+    def correlation_id(self):
+        return self._event.id
+
+    def name(self):
+        return self._event.name
+
+    def dtypes(self):
+        return self._dtypes
+
+    def linked_correlation_id(self):
+        return self._linked
+
+
+@pytest.mark.parametrize("recorded_on", ["events", "kineto events"])
+def test_cuda_summary_from_profiler_events(recorded_on):
     """Two calls: kernels categorised by name and by the op that launched them, launches and syncs
-    counted inside the calls only, the GPU busy 70 of 200 us."""
+    counted inside the calls only, the GPU busy 70 of 200 us. torch 2.11 keeps which op launched
+    a kernel only on the raw kineto events, where host and device ids may coincide."""
     events = [
         _Event(MARK, 0, 100), _Event(MARK, 100, 200), _Event(MARK, 0, 200, device=True),
         _Event("aten::addmm", 5, 10, id=1), _Event("aten::copy_", 20, 25, id=2), _Event("aten::tanh", 110, 111, id=3),
-        _Event("cudaLaunchKernel", 6, 7, linked=1), _Event("cudaLaunchKernel", 21, 22, linked=2),
-        _Event("cudaStreamSynchronize", 150, 160), _Event("cudaDeviceSynchronize", 250, 260),
-        _Event("sm90_xmma_gemm_bf16bf16_bf16f32", 10, 50, device=True, linked=1),
-        _Event("void at::native::unrolled_elementwise_kernel<copy>", 60, 70, device=True, linked=2),
-        _Event("Memcpy DtoH (Device -> Pageable)", 120, 130, device=True),
-        _Event("void at::native::vectorized_elementwise_kernel<4, tanh>", 130, 140, device=True, linked=3),
+        _Event("cudaLaunchKernel", 6, 7, id=11, linked=1), _Event("cudaLaunchKernel", 21, 22, id=12, linked=2),
+        _Event("cudaStreamSynchronize", 150, 160, id=3), _Event("cudaDeviceSynchronize", 250, 260, id=14),
+        _Event("sm90_xmma_gemm_bf16bf16_bf16f32", 10, 50, device=True, id=11, linked=1),
+        _Event("void at::native::unrolled_elementwise_kernel<copy>", 60, 70, device=True, id=12, linked=2),
+        _Event("Memcpy DtoH (Device -> Pageable)", 120, 130, device=True, id=3),
+        _Event("void at::native::vectorized_elementwise_kernel<4, tanh>", 130, 140, device=True, id=15, linked=3),
     ]
     prof = SimpleNamespace(events=lambda: events)
+    if recorded_on == "kineto events":
+        raw = [_Kineto(e, ["c10::BFloat16", "float"] if e.name == "aten::copy_" else []) for e in events]
+        prof.profiler = SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: raw))
+        for e in events:
+            del e.linked_correlation_id
     out = kernel_profile._summarise(prof, 2, True, [(0, 100), (100, 200)])
     assert out["time_basis"] == "cuda kernels"
     assert out["device_time_us_per_call"] == 35
