@@ -268,8 +268,9 @@ def _summarise(prof: torch.profiler.profile, calls: int, on_device: bool,
     out: dict[str, Any] = {"ops_per_call": len(ops) / calls,
                            "host_us_per_call": sum(hi - lo for lo, hi in ranges) / calls}
     if on_device:
-        # A device event's linked_correlation_id is the id of the aten op that launched it.
-        launched_by = {e.id: e for e in host if not recorded.launcher(e)}
+        # A device event's linked_correlation_id is the id of the op that launched it. Runtime calls
+        # made outside an op (cuda*, cu*) have ids of their own counter, which may equal an op's.
+        launched_by = {e.id: e for e in host if not recorded.launcher(e) and not e.name.startswith("cu")}
         total = 0.0
         for e in device:
             duration = e.time_range.end - e.time_range.start

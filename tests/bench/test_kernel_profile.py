@@ -104,12 +104,13 @@ class _Kineto:
 def test_cuda_summary_from_profiler_events(recorded_on):
     """Two calls: kernels categorised by name and by the op that launched them, launches and syncs
     counted inside the calls only, the GPU busy 70 of 200 us. torch 2.11 keeps which op launched
-    a kernel only on the raw kineto events, where host and device ids may coincide."""
+    a kernel only on the raw kineto events. Host and device ids may coincide, and so may an op's id
+    and a runtime call's (the sync here)."""
     events = [
         _Event(MARK, 0, 100), _Event(MARK, 100, 200), _Event(MARK, 0, 200, device=True),
         _Event("aten::addmm", 5, 10, id=1), _Event("aten::copy_", 20, 25, id=2), _Event("aten::tanh", 110, 111, id=3),
         _Event("cudaLaunchKernel", 6, 7, id=11, linked=1), _Event("cudaLaunchKernel", 21, 22, id=12, linked=2),
-        _Event("cudaStreamSynchronize", 150, 160, id=3), _Event("cudaDeviceSynchronize", 250, 260, id=14),
+        _Event("cudaStreamSynchronize", 150, 160, id=2), _Event("cudaDeviceSynchronize", 250, 260, id=14),
         _Event("sm90_xmma_gemm_bf16bf16_bf16f32", 10, 50, device=True, id=11, linked=1),
         _Event("void at::native::unrolled_elementwise_kernel<copy>", 60, 70, device=True, id=12, linked=2),
         _Event("Memcpy DtoH (Device -> Pageable)", 120, 130, device=True, id=3),
