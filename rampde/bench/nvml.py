@@ -2,7 +2,9 @@
 
 NVML (``import pynvml``, from nvidia-ml-py): a background thread samples device memory used,
 utilisation and power every ~15 ms during the timed runs (the timeline of the dashboard); energy
-per forward+backward comes from the device's total-energy counter where it has one. NVML counts
+per forward+backward and the mean power come from the device's total-energy counter where it has
+one. Power samples are NVML's instantaneous power field where the driver has it: on Ampere and
+newer GPUs the plain power reading is a 1-second average, longer than most timed runs. NVML counts
 the CUDA context and other processes too, so it is never the source of a memory ratio.
 
 Without a GPU or without NVML the NVML columns are NaN; that is logged once per process.
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 NAN = math.nan
 NVML_PERIOD_S = 0.015
+# nvmlFieldValue_t.valueType -> the member of its value union that holds it
+_FIELD_VALUE_MEMBERS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 
 _nvml_warned = False  # NVML's absence is said once per process
 _UNSET = object()
@@ -78,8 +82,10 @@ class NvmlSampler:
     ``mem_used_bytes``, ``gpu_util_pct``, ``power_w``) and ``s.summary(calls)``. One sample at
     entry, one every ``period_s`` and one at exit. NVML's utilisation is itself an average over its
     own window (1/6 s to 1 s depending on the GPU), so short runs read it coarsely. Energy is the
-    difference of the total-energy counter (mJ) between entry and exit, where the GPU has one.
-    Without CUDA or NVML it records nothing and every summary value is NaN.
+    difference of the total-energy counter (mJ) between entry and exit, where the GPU has one, and
+    the mean power is that energy over ``window_s``, the time between the two readings; without the
+    counter, the mean of the power samples. Without CUDA or NVML it records nothing and every
+    summary value is NaN.
     """
 
     device: torch.device | str = "cuda"
@@ -95,6 +101,8 @@ class NvmlSampler:
         self._t0 = 0.0
         self._energy_start = NAN
         self._energy_end = NAN
+        self._instant_power = True  # until the driver says it has no instantaneous power field
+        self.window_s = NAN
 
     @property
     def active(self) -> bool:
@@ -103,6 +111,7 @@ class NvmlSampler:
 
     def __enter__(self) -> "NvmlSampler":
         self.timeline = []
+        self.window_s = NAN
         self._stop.clear()
         if self.device.type != "cuda":
             _say_no_gpu_once(self.device)
@@ -117,6 +126,7 @@ class NvmlSampler:
             return self
         self._t0 = time.perf_counter()
         self._energy_start = self._energy()
+        self._energy_t0 = time.perf_counter()
         self._sample()
         self._thread = threading.Thread(target=self._run, name="nvml-sampler", daemon=True)
         self._thread.start()
@@ -130,6 +140,7 @@ class NvmlSampler:
         if self.active:
             self._sample()
             self._energy_end = self._energy()
+            self.window_s = time.perf_counter() - self._energy_t0
 
     def _energy(self) -> float:
         """The total-energy counter in J; NaN where the GPU has none."""
@@ -140,12 +151,29 @@ class NvmlSampler:
                       logging.INFO)
             return NAN
 
+    def _power_w(self) -> float:
+        """Power in W: NVML's instantaneous power field, else its power reading (which on Ampere
+        and newer GPUs is a 1-second average; said once)."""
+        nvml, handle = self._nvml, self._handle
+        field_id = getattr(nvml, "NVML_FI_DEV_POWER_INSTANT", None)
+        if self._instant_power and field_id is not None:
+            try:
+                value = nvml.nvmlDeviceGetFieldValues(handle, [field_id])[0]
+                if value.nvmlReturn == 0:  # NVML_SUCCESS
+                    return float(getattr(value.value, _FIELD_VALUE_MEMBERS[value.valueType])) / 1e3  # mW
+            except Exception:  # an older driver or pynvml
+                pass
+            self._instant_power = False
+            _say_once("nvml-power-instant", "NVML has no instantaneous power here: power_w is the driver's power "
+                      "reading, a 1-second average on Ampere and newer GPUs", logging.INFO)
+        return nvml.nvmlDeviceGetPowerUsage(handle) / 1e3  # mW -> W
+
     def _sample(self) -> None:
         nvml, handle = self._nvml, self._handle
         row = {"t_s": time.perf_counter() - self._t0, "mem_used_bytes": NAN, "gpu_util_pct": NAN, "power_w": NAN}
         for key, query in (("mem_used_bytes", lambda: float(nvml.nvmlDeviceGetMemoryInfo(handle).used)),
                            ("gpu_util_pct", lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)),
-                           ("power_w", lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1e3)):  # mW -> W
+                           ("power_w", self._power_w)):
             try:
                 row[key] = query()
             except Exception as exc:  # a query this device does not support
@@ -158,6 +186,7 @@ class NvmlSampler:
 
     def summary(self, calls: int = 1) -> dict[str, float]:
         """Peak memory used, mean utilisation and power, and energy per call (``calls`` runs)."""
+        energy = self._energy_end - self._energy_start
         def values(key: str) -> list[float]:
             return [r[key] for r in self.timeline if not math.isnan(r[key])]
 
@@ -165,6 +194,7 @@ class NvmlSampler:
         return {
             "nvml_mem_peak_bytes": max(mem) if mem else NAN,
             "gpu_util_mean_pct": statistics.fmean(util) if util else NAN,
-            "power_mean_w": statistics.fmean(power) if power else NAN,
-            "energy_j": (self._energy_end - self._energy_start) / max(calls, 1),
+            "power_mean_w": energy / self.window_s if math.isfinite(energy) and self.window_s > 0
+            else statistics.fmean(power) if power else NAN,
+            "energy_j": energy / max(calls, 1),
         }

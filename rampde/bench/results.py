@@ -48,7 +48,8 @@ COLUMNS: dict[str, str] = {
     "peak_mem_bytes": "bytes, CUDA allocator peak above resident inputs and model (NaN on the CPU)",
     "nvml_mem_peak_bytes": "bytes, NVML device memory used, peak (includes the CUDA context; NaN without NVML)",
     "gpu_util_mean_pct": "%, NVML utilisation, mean over the timed runs",
-    "power_mean_w": "W, NVML power draw, mean over the timed runs",
+    "power_mean_w": "W, NVML power draw, mean over the timed runs: the total-energy counter's difference over "
+                    "the time between its readings, else the mean of the power samples",
     "energy_j": "J per forward+backward, NVML total-energy counter (NaN where the GPU has none)",
     "loss": "loss of the last timed run",
     "grad_err_params": "relative L2 error of the concatenated parameter gradients against the fp64 same-scheme run",

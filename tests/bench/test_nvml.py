@@ -62,6 +62,11 @@ def fake_gpu(monkeypatch, fresh_nvml):
         calls["memory"] += 1
         return types.SimpleNamespace(used=next(memory), total=80 * 2**30)
 
+    def instant_power(handle, field_ids):
+        assert field_ids == [pynvml.NVML_FI_DEV_POWER_INSTANT]
+        return [types.SimpleNamespace(nvmlReturn=pynvml.NVML_SUCCESS, valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
+                                      value=types.SimpleNamespace(uiVal=420_000))]  # mW
+
     def by_uuid(uuid):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
 
@@ -71,7 +76,8 @@ def fake_gpu(monkeypatch, fresh_nvml):
         "nvmlDeviceGetHandleByIndex": lambda index: "fake-handle",
         "nvmlDeviceGetMemoryInfo": memory_info,
         "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(gpu=80, memory=40),
-        "nvmlDeviceGetPowerUsage": lambda h: 350_000,  # mW
+        "nvmlDeviceGetPowerUsage": lambda h: 350_000,  # mW, a 1-second average on Ampere and newer
+        "nvmlDeviceGetFieldValues": instant_power,
         "nvmlDeviceGetTotalEnergyConsumption": lambda h: next(energy),
         "nvmlSystemGetDriverVersion": lambda: "570.86.15",
     }.items():
@@ -90,11 +96,13 @@ def test_nvml_sampler_with_a_fake_device(fake_gpu):
     assert [s["t_s"] for s in timeline] == sorted(s["t_s"] for s in timeline)
     assert timeline[0]["t_s"] >= 0 and timeline[-1]["t_s"] >= 0.05
     assert timeline[0] | {"t_s": 0} == {"t_s": 0, "mem_used_bytes": float(2**30), "gpu_util_pct": 80.0,
-                                        "power_w": 350.0}
+                                        "power_w": 420.0}, "the instantaneous power field, not the 1-s average"
     summary = sampler.summary(calls=3)
     assert summary["nvml_mem_peak_bytes"] == 2**30 + (len(timeline) - 1) * 2**20
-    assert summary["gpu_util_mean_pct"] == 80.0 and summary["power_mean_w"] == 350.0
+    assert summary["gpu_util_mean_pct"] == 80.0
     assert summary["energy_j"] == pytest.approx(300.0), "900 J over 3 calls"
+    assert 0.06 <= sampler.window_s < 10.0
+    assert summary["power_mean_w"] == pytest.approx(900.0 / sampler.window_s), "the energy over the window"
     nvml._nvml()
     assert fake_gpu["init"] == 1, "NVML is initialised once per process"
 
@@ -109,5 +117,24 @@ def test_nvml_without_an_energy_counter(fake_gpu, monkeypatch):
     with nvml.NvmlSampler("cuda", period_s=0.005) as sampler:
         time.sleep(0.01)
     summary = sampler.summary()
-    assert math.isnan(summary["energy_j"]) and summary["power_mean_w"] == 350.0
+    assert math.isnan(summary["energy_j"]) and summary["power_mean_w"] == 420.0, "the mean of the samples"
+
+
+def test_nvml_without_instantaneous_power(fake_gpu, monkeypatch, caplog):
+    """An older driver: the field is not supported, so the power reading (a 1-s average) is used
+    and that is said once."""
+    import pynvml
+
+    def not_supported(handle, field_ids):
+        return [types.SimpleNamespace(nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED, valueType=0,
+                                      value=types.SimpleNamespace(dVal=0.0))]
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetFieldValues", not_supported)
+    with caplog.at_level(logging.INFO, logger="rampde.bench.measure"):
+        for _ in range(2):
+            with nvml.NvmlSampler("cuda", period_s=0.005) as sampler:
+                time.sleep(0.01)
+            assert {row["power_w"] for row in sampler.timeline} == {350.0}
+    said = [r for r in caplog.records if "instantaneous power" in r.getMessage()]
+    assert len(said) == 1 and "1-second average" in said[0].getMessage()
 
