@@ -102,6 +102,32 @@ def test_run_commands_stops_a_command_at_its_limit_and_keeps_the_others(tmp_path
     assert "done" in logs[0].read_text() and logs[1].read_text().startswith("$ ")
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_stopping_a_command_also_ends_what_it_started_in_a_process_group_of_its_own(tmp_path):
+    """As asv does with each benchmark: a grandchild in its own process group, deaf to SIGINT."""
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = ("import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                  f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    parent = (f"import subprocess, time; subprocess.Popen([{PY!r}, '-c', {grandchild!r}], process_group=0); "
+              "time.sleep(120)")
+    codes, stopped = campaign.run_commands([[PY, "-c", parent]], 3.0, cwd=tmp_path, env={},
+                                           logs=[tmp_path / "p.log"])
+    assert stopped and codes[0] != 0
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the grandchild outlived the stop"
+
+
 def test_run_commands_reports_failures_without_stopping(tmp_path):
     codes, stopped = campaign.run_commands([[PY, "-c", "raise SystemExit(3)"]], 30.0, cwd=tmp_path, env={},
                                            logs=[tmp_path / "x.log"])
@@ -183,6 +209,31 @@ def test_run_campaign_packs_after_each_step_and_skips_what_has_no_time(tmp_path)
             ".campaign/logs/one.log"} <= names
     summary = json.loads((tmp_path / ".campaign" / "campaign.json").read_text())
     assert [s["name"] for s in summary["steps"]] == ["one", "two", "three"]
+
+
+def test_run_campaign_counts_the_setup_and_skips_a_step_whose_module_is_missing(tmp_path):
+    ctx = campaign.Context(PY, "cpu", "cpu", root=tmp_path)
+    ran = tmp_path / "ran.txt"
+    touch = [[PY, "-c", f"open({str(ran)!r}, 'a').write('x')"]]
+    steps = [campaign.Step("digits", 20, lambda c: touch, needs=("torch", "sklearn")),
+             campaign.Step("rest", None, lambda c: touch, needs=("torch",))]
+    modules = {"torch": "2.11.0", "sklearn": ""}
+    records = campaign.run_campaign(steps, ctx, budget_s=60.0, pack_to=None, env={},
+                                    start=time.monotonic() - 30.0, modules=modules)
+    assert records[0].skipped == "cannot import sklearn" and records[0].exit_codes == []
+    assert records[1].exit_codes == [0] and ran.read_text() == "x"
+    assert records[1].limit_s <= 60 - 30 - campaign.PACK_RESERVE_S, "the 30 s of setup came off the budget"
+    summary = json.loads((tmp_path / ".campaign" / "campaign.json").read_text())
+    assert summary["modules"] == modules
+
+
+def test_resolve_target_names_the_device_and_the_modules_versions():
+    env = campaign.child_env(ROOT, "")
+    device, gpu, modules = campaign.resolve_target(PY, "cpu", env, ROOT)
+    assert (device, gpu) == ("cpu", "cpu")
+    assert set(modules) == set(campaign.MODULES)
+    assert modules["torch"] and modules["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert modules["pandas"] == pd.__version__
 
 
 def test_a_sequential_step_runs_its_commands_in_order_within_one_limit(tmp_path, monkeypatch):

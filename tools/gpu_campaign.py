@@ -4,17 +4,19 @@
     python tools/gpu_campaign.py plan [--device cuda]    # the steps, their time limits and commands
     python tools/gpu_campaign.py run --pack FILE.tgz     # there: the steps, packed after each one
 
-A GPU box without internet, with a CUDA PyTorch (and torchdiffeq, pandas, pytest-benchmark,
-nvidia-ml-py) installed, gets this checkout and ``.campaign/``: ``prepare`` downloads the wheels of
-asv and of what it needs beyond such an image, and bundles the git history (asv dates each commit
-from it; a copy of the tree may come without ``.git``). ``run`` installs the wheels into
-``.campaign/site`` (nothing else is changed), restores ``.git`` from the bundle where it is missing,
-then runs the steps in order. Each step is limited to its share of ``--budget`` and to what is
-left of it; a step over its limit gets SIGINT (sweeps, the ablation and training keep what they
-finished, and a later run resumes the sweeps), then SIGKILL. After every step, the files under
-``reports/`` that the campaign made or changed, the steps' logs and ``campaign.json`` (each step's
-limit, time and exit codes) are packed into ``--pack`` atomically, so that a call cut short
-still returns what was finished. Unpack at the repository root: ``tar xzf FILE.tgz``.
+A GPU box without internet, with a CUDA PyTorch (and torchdiffeq, pandas, rich, scikit-learn,
+pytest-benchmark, nvidia-ml-py) installed, gets this checkout and ``.campaign/``: ``prepare``
+downloads the wheels of asv and of what it needs beyond such an image, and bundles the git history
+(asv dates each commit from it; a copy of the tree may come without ``.git``). ``run`` installs the
+wheels into ``.campaign/site`` (nothing else is changed), restores ``.git`` from the bundle where it
+is missing, then runs the steps in order; a step that needs a module the box cannot import is
+skipped. The budget (``--budget``) counts from the start, setup included; each step is limited to
+its share of it and to what is left of it; a step over its limit gets SIGINT (sweeps, the ablation
+and training keep what they finished, and a later run resumes the sweeps), then SIGKILL. After every
+step, the files under ``reports/`` that the campaign made or changed, the steps' logs and
+``campaign.json`` (the modules' versions, each step's limit, time and exit codes) are packed into
+``--pack`` atomically, so that a call cut short still returns what was finished. Unpack at the
+repository root: ``tar xzf FILE.tgz``.
 
 The steps (``--steps`` picks some, in this order): ``perf`` the perf suite (the performance targets' cells);
 ``train-digits`` and ``train-cnf`` the training parity runs, the competitors of a task side by side
@@ -68,6 +70,11 @@ ASV_PEAK = ("rampde-bf16",)
 PYTEST_WIDTHS = {"cuda": (256, 2048), "cpu": (8, 8)}
 ASV_CELL = {"cuda": (1024, 64), "cpu": (16, 4)}
 CNF_EPOCHS = 10  # a fixed number of iterations: 10 x 64 Adam steps
+# import name -> distribution: what the steps import, looked up on the box before they run
+MODULES = {"torch": "torch", "torchdiffeq": "torchdiffeq", "pandas": "pandas", "rich": "rich",
+           "sklearn": "scikit-learn", "pytest_benchmark": "pytest-benchmark", "asv": "asv",
+           "pynvml": "nvidia-ml-py", "triton": "triton"}
+BENCH_NEEDS = ("torch", "torchdiffeq", "pandas", "rich")  # every rampde.bench command
 
 
 class Stage:
@@ -113,6 +120,7 @@ class Step:
     commands: Callable[[Context], list[list[str]]]
     after: Callable[[Context], str] | None = None  # run once the commands end; returns a line for the log
     sequential: bool = False
+    needs: tuple[str, ...] = BENCH_NEEDS  # modules (MODULES' keys) the commands import
 
 
 @dataclass
@@ -215,10 +223,10 @@ def _perf(ctx: Context) -> list[list[str]]:
 
 STEPS: tuple[Step, ...] = (
     Step("perf", 150, _perf, sequential=True),
-    Step("train-digits", 35, _train_commands("digits"), after=merge_training),
+    Step("train-digits", 35, _train_commands("digits"), after=merge_training, needs=BENCH_NEEDS + ("sklearn",)),
     Step("train-cnf", 60, _train_commands("cnf"), after=merge_training),
-    Step("pytest", 55, _pytest, sequential=True),
-    Step("asv", 90, _asv),
+    Step("pytest", 55, _pytest, sequential=True, needs=BENCH_NEEDS + ("pytest_benchmark",)),
+    Step("asv", 90, _asv, needs=BENCH_NEEDS + ("asv",)),
     Step("ablate", 70, lambda c: [[c.python, "-m", "rampde.bench.profiling", "ablate", "--out", f"{c.reports}/perf",
                                    "--device", c.device]]),
     Step("profile", 30, lambda c: [[c.python, "-m", "rampde.bench.profiling", "profile", "--out",
@@ -253,8 +261,22 @@ def _say(message: str) -> None:
     print(f"== {time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
+def _session_members(sid: int) -> list[int]:
+    """Processes of the session ``sid`` (Linux ``/proc``; none where there is no ``/proc``)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getsid(int(entry.name)) == sid:
+                members.append(int(entry.name))
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+    return members
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGINT to each running command's process group, then SIGKILL after the grace period."""
+    """SIGINT to each running command's process group, then SIGKILL after the grace period, and
+    last SIGKILL to whatever is left of each command's session: asv runs each benchmark in a
+    process group of its own, which a group's signal does not reach."""
     for sig, wait_s in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, 5.0)):
         running = [p for p in procs if p.poll() is None]
         for p in running:
@@ -263,6 +285,12 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             except ProcessLookupError:
                 pass
         _wait(running, time.monotonic() + wait_s)
+    for p in procs:  # each command started a session of its own, whose id is its pid
+        for pid in _session_members(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _wait(procs: list[subprocess.Popen], end: float) -> None:
@@ -401,32 +429,43 @@ def install_wheels(root: Path, python: str) -> None:
         _say(f"{len(wheels)} wheels installed into {stage.site.relative_to(root)}")
 
 
-def resolve_target(python: str, device: str, env: dict[str, str], root: Path) -> tuple[str, str]:
-    """(device type, GPU model folder name as the sweep writes it) for ``auto``, ``cuda`` or ``cpu``;
-    ``RuntimeError`` when the device is not usable."""
-    code = ("from rampde.bench.measure import gpu_name, gpu_slug, resolve_device;"
-            f"d = resolve_device({device!r}); print(d.type, gpu_slug(gpu_name(d)))")
+def resolve_target(python: str, device: str, env: dict[str, str], root: Path) -> tuple[str, str, dict[str, str]]:
+    """(device type, GPU model folder name as the sweep writes it, the version of each of
+    ``MODULES`` that ``python`` imports with ``env``, '' where it cannot) for ``auto``, ``cuda`` or
+    ``cpu``; ``RuntimeError`` when the device is not usable."""
+    code = ("import json; from importlib import metadata, util\n"
+            "from rampde.bench.measure import gpu_name, gpu_slug, resolve_device\n"
+            f"d = resolve_device({device!r})\n"
+            "def version(module, dist):\n"
+            "    if util.find_spec(module) is None: return ''\n"
+            "    try: return metadata.version(dist)\n"
+            "    except metadata.PackageNotFoundError: return 'present'\n"
+            f"modules = {{m: version(m, dist) for m, dist in {MODULES!r}.items()}}\n"
+            "print(json.dumps({'device': d.type, 'gpu': gpu_slug(gpu_name(d)), 'modules': modules}))")
     done = subprocess.run([python, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"device {device!r} is not usable by {python}: {done.stderr.strip()[-400:]}")
-    kind, gpu = done.stdout.split()[-2:]
-    return kind, gpu
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return found["device"], found["gpu"], found["modules"]
 
 
 def run_campaign(steps: Sequence[Step], ctx: Context, *, budget_s: float, pack_to: Path | None,
-                 env: dict[str, str], clock: Callable[[], float] = time.monotonic) -> list[StepRecord]:
-    """Run ``steps`` within ``budget_s`` seconds, packing after each; returns what each did."""
+                 env: dict[str, str], clock: Callable[[], float] = time.monotonic, start: float | None = None,
+                 modules: dict[str, str] | None = None) -> list[StepRecord]:
+    """Run ``steps`` within ``budget_s`` seconds from ``start`` (a ``clock`` reading; default now),
+    packing after each; a step that needs a module that ``modules`` (name -> version) lacks is
+    skipped. Returns what each step did."""
     from rampde.bench.results import atomic_write
 
     stage = Stage(ctx.root)
-    start = clock()
+    start = clock() if start is None else start
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     before = snapshot(ctx.root)
     records: list[StepRecord] = []
 
     def save() -> None:
         summary = {"gpu": ctx.gpu, "device": ctx.device, "budget_s": budget_s, "commit": env.get("RAMPDE_COMMIT", ""),
-                   "started": started, "steps": [asdict(r) for r in records]}
+                   "started": started, "modules": modules or {}, "steps": [asdict(r) for r in records]}
         atomic_write(stage.summary, lambda handle: handle.write(json.dumps(summary, indent=2) + "\n"))
         if ctx.on_gpu:
             (ctx.root / ctx.reports).mkdir(parents=True, exist_ok=True)
@@ -440,6 +479,12 @@ def run_campaign(steps: Sequence[Step], ctx: Context, *, budget_s: float, pack_t
         limit = step_limit(step.share, left)
         record = StepRecord(step.name, round(limit, 1))
         records.append(record)
+        missing = [m for m in step.needs if modules is not None and not modules.get(m)]
+        if missing:
+            record.skipped = f"cannot import {', '.join(missing)}"
+            _say(f"{step.name}: skipped ({record.skipped})")
+            save()
+            continue
         if limit < MIN_STEP_S:
             record.skipped = f"{left:.0f} s of the budget left"
             _say(f"{step.name}: skipped ({record.skipped})")
@@ -582,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("plan", "print the steps, their limits and commands"), ("run", "run the campaign")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                       help=f"seconds for all the steps (default {DEFAULT_BUDGET_S:.0f})")
+                       help=f"seconds for the setup and all the steps (default {DEFAULT_BUDGET_S:.0f})")
         p.add_argument("--steps", nargs="+", metavar="STEP", help=f"some of: {' '.join(STEP_NAMES)}")
         p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cuda or cpu")
         p.add_argument("--python", default=sys.executable, help="the interpreter with torch (default this one)")
@@ -592,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    start = time.monotonic()  # the budget counts the setup too
     args = build_parser().parse_args(argv)
     if args.command == "prepare":
         return prepare(ROOT, args.python_version, args.allow_dirty)
@@ -612,18 +658,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     commit = restore_history(ROOT)
     env = child_env(ROOT, commit)
     try:
-        device, gpu = resolve_target(args.python, args.device, env, ROOT)
+        device, gpu, modules = resolve_target(args.python, args.device, env, ROOT)
     except RuntimeError as exc:
         print(f"gpu_campaign: {exc}", file=sys.stderr)
         return 2
     ctx = Context(args.python, device, gpu)
-    _say(f"campaign on {gpu} ({device}), commit {commit or 'unknown'}, budget {args.budget:.0f} s")
+    _say(f"campaign on {gpu} ({device}), commit {commit or 'unknown'}, budget {args.budget:.0f} s, "
+         f"{time.monotonic() - start:.0f} s of it spent on the setup")
+    _say("modules: " + ", ".join(f"{m} {v or 'MISSING'}" for m, v in modules.items()))
     if shutil.which("nvidia-smi") and ctx.on_gpu:
         subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,"
                         "memory.total", "--format=csv"], check=False)
     if ctx.on_gpu and shutil.which("git") is None:
         steps = [s for s in steps if s.name != "asv"]
-    records = run_campaign(steps, ctx, budget_s=args.budget, pack_to=args.pack, env=env)
+    records = run_campaign(steps, ctx, budget_s=args.budget, pack_to=args.pack, env=env, start=start,
+                           modules=modules)
     for r in records:
         state = r.skipped and f"skipped ({r.skipped})" or ("stopped at its limit" if r.stopped else "done")
         print(f"  {r.name:<13} {r.elapsed_s:6.0f} s of {r.limit_s:4.0f}  exit {r.exit_codes}  {state}")
