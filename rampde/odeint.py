@@ -20,7 +20,10 @@ _OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights", "fuse", "
 _STORAGE = ("states", "activations")
 _CAST_WEIGHTS = ("once", "per-use")
 # Layers whose weights autocast runs in 16-bit: their fp32 parameters are cast once per solve.
-_CAST_LAYERS = (torch.nn.Linear, torch.nn.Bilinear, torch.nn.modules.conv._ConvNd)
+# Layers whose 16-bit weights autocast would use as they are. Not nn.Bilinear: autocast runs
+# bilinear in the widest dtype of its inputs, so a 16-bit weight copy would fail next to fp32
+# inputs, or make the fp32 op use rounded weights.
+_CAST_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 _DTYPE_MISMATCH = ("dtype", "scalar type", "should be the same", "same type")  # torch's wording
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -55,8 +58,8 @@ def odeint(
             ``state_dtype`` (with ``"states"``: ``None`` keeps the solution itself, no extra
             memory; ``"low"`` or a 16-bit dtype keeps a 16-bit copy, useful when ``step_size``
             makes many more steps than outputs); ``cast_weights``: ``"once"`` (default: under
-            fp16/bf16 autocast, the fp32 weights and biases of the ``nn.Linear``, ``nn.Bilinear``
-            and convolution layers of an ``nn.Module`` field are cast to 16-bit once per solve,
+            fp16/bf16 autocast, the fp32 weights and biases of the ``nn.Linear`` and
+            convolution layers of an ``nn.Module`` field are cast to 16-bit once per solve,
             and each evaluation runs with those copies in the layers' parameter slots, as
             ``torch.func.functional_call`` does; the parameters are put back after it) or
             ``"per-use"`` (autocast casts them at every use: for a field that runs such a layer

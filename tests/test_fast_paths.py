@@ -42,6 +42,32 @@ def test_cast_once_time_gradient_is_bitwise_the_per_use_cast():
     assert_same(once, per_use)
 
 
+class _BilinearField(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = torch.nn.Linear(8, 8)
+        self.mix = torch.nn.Bilinear(8, 8, 8)
+        with torch.no_grad():
+            self.mix.weight.mul_(0.1)  # a tame quadratic term over [0, 1]
+
+    def forward(self, t, y):
+        return torch.tanh(self.inner(y)) + self.mix(y, y)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_a_bilinear_layer_keeps_its_fp32_weights_under_cast_once(dtype):
+    """Autocast runs bilinear in its inputs' widest dtype (CUDA) or leaves it alone (CPU): its
+    weights are not cast once (that failed next to fp32 inputs), only the Linear's are, bitwise as
+    the per-use casts."""
+    field, y0 = _BilinearField(), torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(0, 1, 5)
+    once = solve_grads(field, y0, t, dtype)
+    per_use = solve_grads(field, y0, t, dtype, cast_weights="per-use")
+    assert_same(once, per_use)
+    assert torch.isfinite(once["params"]).all() and once["params"].abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("dtype", LOW)
 def test_activations_storage_gives_the_default_storage_gradients(kind, dtype):
