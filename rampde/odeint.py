@@ -70,8 +70,10 @@ def odeint(
             captures the first step forward and backward as a CUDA graph and replays it for the
             others (one launch per step instead of one per kernel: for small, launch-bound
             fields); with ``storage="states"`` and without ``fuse`` only; off CUDA the same
-            steps run eagerly; the time gradient, when asked for, is taken without graphs;
-            default ``False``.
+            steps run eagerly; the backward runs without graphs when the time gradient is asked
+            for or when a differentiated parameter is not one of the 16-bit weight copies
+            (fp32 solves, ``cast_weights="per-use"``, parameters outside Linear/Conv layers, a
+            ``params=`` callable); default ``False``.
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
             ``nn.Module``, and must be given (``()`` for none) for any other callable.
         loss_scaler: a ``DynamicScaler`` for the fp16 adjoint, kept across calls; a fresh one per

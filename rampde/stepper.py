@@ -481,7 +481,10 @@ def _adjoint_sweep(
     Each step's graph comes from ``graphs`` (kept by the forward) or is rebuilt from its stored
     state. Kept graphs are retained through the vjp when a scaler may ask for another attempt.
     With ``spec.cuda_graph`` each rebuilt step is a body on fixed buffers (``StepReplay``),
-    unless the time gradient is asked for.
+    unless the time gradient is asked for or a differentiated parameter is used directly (not
+    through the per-stage aliases of ``spec.cast``): autograd keeps such a parameter's gradient
+    node from the forward, tied to the stream the solve was called on, and a vjp captured on the
+    side stream would have to wait on that stream, which invalidates the capture.
     """
     acc = spec.acc_dtype
     weighted = _weighted(spec.tableau)
@@ -494,7 +497,7 @@ def _adjoint_sweep(
     accumulators = _Accumulators(adjoint, g_params, slots)
 
     with spec.autocast(), torch.enable_grad():
-        if spec.cuda_graph and not graphs and not need_t:
+        if spec.cuda_graph and not graphs and not need_t and not slots.direct:
             _replayed_sweep(spec, coef.numbers, weighted, grid, stored, grad_traj, diff_params, copies,
                             accumulators)
             return _SweepResult(y0=adjoint, params=g_params, grid=None)

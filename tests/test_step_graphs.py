@@ -69,7 +69,8 @@ def test_one_capture_replayed_gives_the_plain_numbers(rerun, dtype, grid):
     plain = solve_grads(field, y0, t, dtype, **options)
     replayed = solve_grads(field, y0, t, dtype, cuda_graph=True, **options)
     assert_same(plain, replayed)
-    assert len(rerun) == 2  # forward, backward
+    # forward, backward; in fp32 the parameters are used directly and the backward runs without graphs
+    assert len(rerun) == (1 if dtype is None else 2)
     steps = 7 if grid == "step_size" else 6
     for replay in rerun:
         assert replay.eager_steps == 1 and replay.replays == steps - 1
@@ -90,17 +91,44 @@ def test_gradcheck_of_replayed_steps(rerun, method):
     y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(solve, (y0, w0.clone().requires_grad_(), b))
+    # the forwards only: the backward of a params= callable uses the parameters directly
     assert rerun and all(r.replays == 3 for r in rerun)
 
 
-@pytest.mark.parametrize("options", [{"state_dtype": "low"}, {"cast_weights": "per-use"}])
-def test_replayed_steps_with_other_options(rerun, options):
+def test_replayed_steps_with_a_low_state_dtype(rerun):
     field, y0 = case("conv")
     t = torch.linspace(0, 1, 5)
-    plain = solve_grads(field, y0, t, torch.bfloat16, **options)
-    replayed = solve_grads(field, y0, t, torch.bfloat16, cuda_graph=True, **options)
+    plain = solve_grads(field, y0, t, torch.bfloat16, state_dtype="low")
+    replayed = solve_grads(field, y0, t, torch.bfloat16, cuda_graph=True, state_dtype="low")
     assert_same(plain, replayed)
     assert [r.replays for r in rerun] == [3, 3]
+
+
+class _Scaled(torch.nn.Module):
+    """A Linear field with a gain outside any Linear layer: a parameter the field uses directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, _ = case("mlp")
+        self.gain = torch.nn.Parameter(torch.tensor(0.9))
+
+    def forward(self, t, y):
+        return self.gain * self.inner(t, y)
+
+
+@pytest.mark.parametrize("dtype, options, field", [
+    (None, {}, "mlp"), (torch.bfloat16, {"cast_weights": "per-use"}, "mlp"), (torch.bfloat16, {}, "gain")])
+def test_a_parameter_used_directly_keeps_the_backward_off_graphs(rerun, dtype, options, field):
+    """Its gradient node comes from the forward, tied to the caller's stream, which a capture on
+    the side stream must not wait on (on CUDA that invalidates the capture): the forward is
+    replayed, the backward runs eagerly, and the numbers are the plain ones."""
+    field, y0 = (case("mlp") if field == "mlp" else (_Scaled(), case("mlp")[1]))
+    t = torch.linspace(0, 1, 5)
+    plain = solve_grads(field, y0, t, dtype, **options)
+    replayed = solve_grads(field, y0, t, dtype, cuda_graph=True, **options)
+    assert_same(plain, replayed)
+    assert replayed["params"].abs().sum() > 0
+    assert [r.replays for r in rerun] == [3], "the forward's steps only"
 
 
 def test_time_gradient_is_taken_without_graphs(rerun):
@@ -170,8 +198,10 @@ def test_cuda_graph_option_is_checked():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, None])
 def test_real_capture_on_cuda(monkeypatch, dtype):
+    """Forward and backward captured in 16-bit; in fp32 the parameters are used directly, so
+    only the forward is (a backward capture would be invalidated)."""
     made = []
 
     class Recorded(step_graphs.StepReplay):
@@ -186,11 +216,11 @@ def test_real_capture_on_cuda(monkeypatch, dtype):
     results = []
     for cuda_graph in (False, True, True):  # the second graph solve captures again on the same stream
         y = y0.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
             sol = rampde.odeint(field, y, t, options={"cuda_graph": cuda_graph})
         grads = torch.autograd.grad(sol[-1].float().pow(2).mean(), [y, *field.parameters()])
         results.append((sol.detach(), grads))
-    assert [r.replay is not None and r.eager_steps for r in made] == [1, 1, 1, 1]
+    assert [r.replay is not None and r.eager_steps for r in made] == [1] * (2 if dtype is None else 4)
     for graphed in results[1:]:
         assert rel_err(graphed[0], results[0][0]) < 1e-6
         for a, b in zip(graphed[1], results[0][1]):
