@@ -166,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     from .results import claims
-    from .sweep import run_sweep
+    from .sweep import DeviceLost, run_sweep
 
     device = _device(args.device)
     seed = _one_int("--seed", args.seed, 0) or 0
@@ -205,6 +205,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         err.print(f"interrupted: finished cells are in {escape(str(out / 'results.csv'))}; "
                   "run the same command to resume", highlight=False)
         return 130
+    except DeviceLost as exc:
+        err.print(f"[red]stopped:[/] {escape(str(exc))}; finished cells are in "
+                  f"{escape(str(out / 'results.csv'))}", highlight=False)
+        return 1
     counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "nothing new"
     err.print(f"{counts} in {time.perf_counter() - started:.0f} s; {len(table)} cells in "
               f"{escape(str(out / 'results.csv'))}", highlight=False)

@@ -90,6 +90,17 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_fault(device: torch.device | str) -> str:
+    """Why the device can no longer run work ('' when it can): after an illegal memory access or
+    a device-side assert the CUDA context is lost for the rest of the process, and every later
+    call fails with the same error."""
+    try:
+        synchronize(device)
+    except Exception as exc:  # torch.AcceleratorError / RuntimeError: a sticky CUDA error
+        return " ".join(str(exc).split())[:200] or type(exc).__name__
+    return ""
+
+
 def _check_counts(repeats: int, warmup: int) -> None:
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")

@@ -92,6 +92,11 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+class DeviceLost(RuntimeError):
+    """The device's context broke during a cell (which is stored as an error): the process must
+    end, and a rerun resumes after that cell in a fresh one."""
+
+
 def free_memory() -> None:
     """Collect garbage and hand the CUDA allocator's cached blocks back."""
     gc.collect()
@@ -221,7 +226,7 @@ def measure_cell(cell: Cell, workloads: _Workloads, references: ReferenceCache, 
             log.info("out of memory: %s", cell.label)
         else:
             log.exception("cell %s failed", cell.label)
-    if row["status"] != "ok":
+    if row["status"] != "ok" and not (row["status"] == "error" and measure.device_fault(device)):
         free_memory()  # after the except block: the traceback's frames (and tensors) are gone
     row["timestamp"] = _now()
     return row, timeline
@@ -234,7 +239,9 @@ def run_sweep(cells: list[Cell], out_dir: Path, *, device: str | torch.device = 
 
     ``progress(done, total, cell, row)`` is called before each cell to measure (``row`` None) and
     after it (with its row, already on disk); ``total`` counts the cells left to measure.
-    ``retry_errors`` measures again the cells stored with ``status="error"``.
+    ``retry_errors`` measures again the cells stored with ``status="error"``. ``DeviceLost`` when a
+    failed cell left the device unusable (a lost CUDA context fails every later call): that cell is
+    stored, the rest are left for a rerun in a fresh process.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -265,4 +272,9 @@ def run_sweep(cells: list[Cell], out_dir: Path, *, device: str | torch.device = 
                  f", {row['time_ms_median']:.3g} ms" if row["status"] == "ok" else f" ({row['message']})")
         if progress:
             progress(index + 1, len(todo), cell, row)
+        fault = measure.device_fault(device) if row["status"] == "error" else ""
+        if fault:
+            raise DeviceLost(f"{device} is unusable after {cell.label} failed ({fault}); that cell is stored as an "
+                             f"error, and the {len(todo) - index - 1} cell(s) after it are left for a rerun, "
+                             "which resumes in a fresh process")
     return store.table

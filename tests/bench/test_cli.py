@@ -86,6 +86,19 @@ def test_interrupted_run_exits_130(tmp_path, monkeypatch, capsys):
     assert "run the same command to resume" in capsys.readouterr().err
 
 
+def test_a_lost_device_stops_the_run_with_exit_1(tmp_path, monkeypatch, capsys):
+    from rampde.bench import sweep
+
+    def lost(*args, **kwargs):
+        raise sweep.DeviceLost("cuda:0 is unusable after rampde-bf16 mlp w8 b8 N2 failed (CUDA error: an illegal "
+                               "memory access was encountered)")
+
+    monkeypatch.setattr(sweep, "run_sweep", lost)
+    assert main([*TINY_RUN, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "stopped:" in err and "illegal memory access" in err and "results.csv" in err
+
+
 def test_run_interrupted_after_its_cells_exits_130_with_the_results_whole(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

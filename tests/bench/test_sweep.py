@@ -189,6 +189,33 @@ def test_other_errors_are_rows_with_the_message(tmp_path, fakes, caplog):
     assert fakes.runs == ["fake-broken"], "...unless retried"
 
 
+def test_a_cell_that_breaks_the_device_is_stored_and_the_sweep_stops(tmp_path, fakes, monkeypatch):
+    """After an illegal memory access every later CUDA call fails: the cell is an error row, the
+    process stops, and a rerun (a fresh process, a working device) resumes after that cell."""
+    lost, freed = [], []
+
+    def crash(workload, steps):
+        lost.append(len(freed))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    fakes.add("fake-crash", crash)
+    monkeypatch.setattr(sweep.measure, "device_fault",
+                        lambda device: "CUDA error: an illegal memory access was encountered" if lost else "")
+    monkeypatch.setattr(sweep, "free_memory", lambda: freed.append(1))
+    grid = make_grid(["fake-a", "fake-crash", "fake-b"], TINY, [2])
+    with pytest.raises(sweep.DeviceLost, match=r"unusable after fake-crash.*1 cell\(s\) after it are left"):
+        run_sweep(grid, tmp_path, device="cpu", repeats=1, warmup=0)
+    stored = read_results(tmp_path / "results.csv")
+    assert dict(zip(stored["competitor"], stored["status"])) == {"fake-a": "ok", "fake-crash": "error"}
+    assert len(freed) == lost[0], "nothing more is asked of a lost device"
+
+    lost.clear()  # a fresh process
+    fakes.runs.clear()
+    table = run_sweep(grid, tmp_path, device="cpu", repeats=1, warmup=0)
+    assert fakes.runs == ["fake-b"]
+    assert dict(zip(table["competitor"], table["status"])) == {"fake-a": "ok", "fake-crash": "error", "fake-b": "ok"}
+
+
 def test_a_workload_that_cannot_be_built(tmp_path, fakes, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no such device")
