@@ -33,8 +33,11 @@ def odeint(
     y0: State,
     t: torch.Tensor,
     *,
+    rtol: float | torch.Tensor | None = None,
+    atol: float | torch.Tensor | None = None,
     method: str = "rk4",
     options: dict[str, Any] | None = None,
+    event_fn: Callable[..., Any] | None = None,
     params: Iterable[torch.Tensor] | None = None,
     loss_scaler: DynamicScaler | None = None,
 ) -> State:
@@ -74,6 +77,10 @@ def odeint(
             for or when a differentiated parameter is not one of the 16-bit weight copies
             (fp32 solves, ``cast_weights="per-use"``, parameters outside Linear/Conv layers, a
             ``params=`` callable); default ``False``.
+        rtol, atol: accepted as ``torchdiffeq.odeint`` accepts them; every method here steps on
+            the fixed grid, which uses no tolerance (torchdiffeq's fixed-grid methods ignore them
+            too). A value that is not a non-negative number or tensor is an error.
+        event_fn: must be ``None``: there is no event handling on a fixed grid.
         params: the tensors ``func`` depends on; defaults to ``func.parameters()`` for an
             ``nn.Module``, and must be given (``()`` for none) for any other callable.
         loss_scaler: a ``DynamicScaler`` for the fp16 adjoint, kept across calls; a fresh one per
@@ -89,6 +96,7 @@ def odeint(
     """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    _check_torchdiffeq_arguments(rtol, atol, method, event_fn)
     tableau = get_tableau(method)
     step_size, state_dtype_opt, storage, cast_weights, fuse, cuda_graph = _check_options(options)
     y0_flat, shapes = _flatten_state(y0)
@@ -135,6 +143,30 @@ def odeint(
 
 
 # ----------------------------------------------------------------------------- argument checks
+
+
+def _check_torchdiffeq_arguments(rtol: Any, atol: Any, method: Any, event_fn: Any) -> None:
+    """Clear errors for torchdiffeq arguments that rampde cannot honour."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a non-negative number or floating tensor, got a {value.dtype} tensor")
+            bad = bool((value.detach() < 0).any())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            bad = not value >= 0  # NaN too
+        else:
+            raise TypeError(f"{name} must be a non-negative number or floating tensor, got {type(value).__name__}")
+        if bad:
+            raise ValueError(f"{name} must be non-negative, got {value!r}")
+    if method is None:
+        raise ValueError("method=None means torchdiffeq's default, dopri5, an adaptive method that rampde does "
+                         "not have; name a fixed-grid method such as 'rk4' (rampde's default when method is "
+                         "left out)")
+    if event_fn is not None:
+        raise ValueError("event_fn is not supported: rampde steps on the fixed grid t and has no event "
+                         "handling; solve over the grid and locate the event in the solution")
 
 
 def _check_options(options: dict[str, Any] | None) -> tuple[float | None, Any, str, str, bool, bool]:

@@ -82,7 +82,31 @@ def test_adaptive_or_implicit_method_is_refused_with_the_reason(method):
 
 def test_method_must_be_a_string():
     with pytest.raises(TypeError, match="method must be a string"):
+        rampde.odeint(field, torch.ones(2), T, method=4, params=())
+
+
+def test_method_none_is_torchdiffeqs_adaptive_default():
+    with pytest.raises(ValueError, match=r"method=None means torchdiffeq's default, dopri5.*'rk4'"):
         rampde.odeint(field, torch.ones(2), T, method=None, params=())
+
+
+@pytest.mark.parametrize("name", ["rtol", "atol"])
+@pytest.mark.parametrize("value, error, match", [
+    ("tight", TypeError, "must be a non-negative number or floating tensor, got str"),
+    (True, TypeError, "must be a non-negative number or floating tensor, got bool"),
+    (-1e-3, ValueError, "must be non-negative, got -0.001"),
+    (float("nan"), ValueError, "must be non-negative, got nan"),
+    (torch.tensor([1e-3, -1.0]), ValueError, "must be non-negative"),
+    (torch.tensor([1, 2]), TypeError, "must be a non-negative number or floating tensor, got a torch.int64 tensor"),
+])
+def test_bad_tolerances(name, value, error, match):
+    with pytest.raises(error, match=rf"{name} {match}"):
+        rampde.odeint(field, torch.ones(2), T, params=(), **{name: value})
+
+
+def test_event_fn_is_refused():
+    with pytest.raises(ValueError, match="event_fn is not supported: rampde steps on the fixed grid"):
+        rampde.odeint(field, torch.ones(2), T, params=(), event_fn=lambda t, y: y.sum())
 
 
 def test_func_returning_the_wrong_shape():

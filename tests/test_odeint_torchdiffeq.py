@@ -54,6 +54,18 @@ def test_matches_torchdiffeq_with_step_size(method, times, mlp_field):
     _compare(field, y0, t, method=method, options={"step_size": 0.3})
 
 
+def test_a_torchdiffeq_call_with_tolerances_runs_unchanged(mlp_field):
+    """The same keyword arguments as a torchdiffeq call: fixed-grid methods use no tolerance, there
+    and here, so rtol and atol (numbers or per-component tensors) change nothing."""
+    field = mlp_field(8)
+    y0 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64, requires_grad=True)
+    _compare(field, y0, t, method="rk4", rtol=1e-3, atol=torch.full((8,), 1e-6, dtype=torch.float64),
+             options={"step_size": 0.25})
+    plain = rampde.odeint(field, y0, t, method="rk4")
+    assert torch.equal(rampde.odeint(field, y0, t, rtol=1e-9, atol=1e-12, method="rk4", event_fn=None), plain)
+
+
 def test_decreasing_times_match(mlp_field):
     field = mlp_field(8)
     y0 = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
