@@ -20,9 +20,8 @@ _OPTION_KEYS = ("step_size", "state_dtype", "storage", "cast_weights", "fuse", "
 _STORAGE = ("states", "activations")
 _CAST_WEIGHTS = ("once", "per-use")
 # Layers whose weights autocast runs in 16-bit: their fp32 parameters are cast once per solve.
-# Layers whose 16-bit weights autocast would use as they are. Not nn.Bilinear: autocast runs
-# bilinear in the widest dtype of its inputs, so a 16-bit weight copy would fail next to fp32
-# inputs, or make the fp32 op use rounded weights.
+# Not nn.Bilinear: autocast runs bilinear in the widest dtype of its inputs (CUDA) or not at all
+# (CPU), so a 16-bit weight copy would fail next to fp32 inputs, or feed rounded weights to fp32.
 _CAST_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 _DTYPE_MISMATCH = ("dtype", "scalar type", "should be the same", "same type")  # torch's wording
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -153,7 +152,7 @@ def _check_torchdiffeq_arguments(rtol: Any, atol: Any, method: Any, event_fn: An
         if isinstance(value, torch.Tensor):
             if not value.is_floating_point():
                 raise TypeError(f"{name} must be a non-negative number or floating tensor, got a {value.dtype} tensor")
-            bad = bool((value.detach() < 0).any())
+            bad = not bool((value.detach() >= 0).all())  # NaN too
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             bad = not value >= 0  # NaN too
         else:

@@ -97,6 +97,7 @@ def test_method_none_is_torchdiffeqs_adaptive_default():
     (-1e-3, ValueError, "must be non-negative, got -0.001"),
     (float("nan"), ValueError, "must be non-negative, got nan"),
     (torch.tensor([1e-3, -1.0]), ValueError, "must be non-negative"),
+    (torch.tensor([1e-3, float("nan")]), ValueError, "must be non-negative"),
     (torch.tensor([1, 2]), TypeError, "must be a non-negative number or floating tensor, got a torch.int64 tensor"),
 ])
 def test_bad_tolerances(name, value, error, match):
