@@ -71,6 +71,8 @@ def test_pytest_selection_picks_every_competitor_small_and_the_main_ones_large()
     assert _matches(expr, "rampde-bf16-mlp-w2048-b2048-N64")
     assert _matches(expr, "torchdiffeq-tf32-mlp-w2048-b2048-N64")
     assert not _matches(expr, "rampde-bf16-fast-mlp-w2048-b2048-N64")
+    assert not _matches(expr, "rampde-fp16-graph-mlp-w2048-b2048-N64")  # -k matches substrings
+    assert _matches(expr, "rampde-fp16-graph-mlp-w256-b2048-N64")
     assert not _matches(expr, "checkpoint-step-mlp-w2048-b2048-N64")
     assert not _matches(expr, "rampde-bf16-conv-w128-b64-N64")
     assert _matches(campaign.pytest_selection("cpu"), "reversible-mlp-w8-b8-N2")
@@ -276,6 +278,18 @@ def test_asv_benchmark_path_puts_the_commit_first_and_drops_this_checkout(monkey
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{tmp_path / 'site'}")
     assert asv_history.benchmark_path(tmp_path / "tree").split(":") == [str(tmp_path / "tree"),
                                                                           str(tmp_path / "site")]
+
+
+def test_asv_history_uses_the_machine_name_it_is_given(monkeypatch):
+    """The campaign names the GPU model it already knows: no torch import and CUDA context to ask."""
+    calls = []
+    monkeypatch.setattr(asv_history, "run", lambda cmd, **kwargs: calls.append(cmd))
+    monkeypatch.setattr(asv_history, "machine_name", lambda: pytest.fail("probed the device for a name"))
+    assert asv_history.main(["0123456789abcdef", "--machine", "nvidia-h200", "--quick"]) == 0
+    asv = [c for c in calls if c[1:3] == ["-m", "asv"]]
+    assert [c[3] for c in asv] == ["machine", "run"]
+    assert all(c[c.index("--machine") + 1] == "nvidia-h200" for c in asv)
+    assert "--set-commit-hash" in asv[1] and "0123456789abcdef" in asv[1]
 
 
 def _wheel(folder: Path, name: str, *requires: str) -> Path:

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=3, help="how many commits of main when none are given")
     parser.add_argument("--bench", action="append", help="asv --bench regular expression (repeatable)")
     parser.add_argument("--quick", action="store_true", help="asv --quick: one run per benchmark")
+    parser.add_argument("--machine", help="asv machine name (default: this GPU model's slug, or cpu; naming it "
+                                          "spares a torch import and a CUDA context)")
     return parser
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     commits = args.commits or subprocess.run(
         ["git", "rev-list", f"--max-count={args.count}", "main"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
-    machine = machine_name()
+    machine = args.machine or machine_name()
     python = stable_python()
     run([sys.executable, "-m", "asv", "machine", "--yes", "--machine", machine], cwd=ROOT)
     with tempfile.TemporaryDirectory(prefix="rampde-asv-") as tmp:

@@ -160,7 +160,7 @@ def pytest_selection(device: str) -> str:
     if small == large:
         return f"mlp-w{small}-"
     main = " or ".join(MAIN_COMPETITORS)
-    return f"mlp-w{small}- or (mlp-w{large}- and ({main}) and not fast)"
+    return f"mlp-w{small}- or (mlp-w{large}- and ({main}) and not fast and not graph)"
 
 
 def asv_selection(device: str) -> list[str]:
@@ -185,7 +185,7 @@ def _pytest(ctx: Context) -> list[list[str]]:
 
 
 def _asv(ctx: Context) -> list[list[str]]:
-    cmd = [ctx.python, "tools/asv_history.py", "--count", "3", "--quick"]
+    cmd = [ctx.python, "tools/asv_history.py", "--count", "3", "--quick", "--machine", ctx.gpu]
     for expression in asv_selection(ctx.device):
         cmd += ["--bench", expression]
     return [cmd]
