@@ -116,10 +116,9 @@ def _alive(pid: int) -> bool:
 def test_stopping_a_command_also_ends_what_it_started_in_a_process_group_of_its_own(tmp_path):
     """As asv does with each benchmark: a grandchild in its own process group, deaf to SIGINT."""
     pid_file = tmp_path / "grandchild.pid"
-    grandchild = ("import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    grandchild = ("import os, signal, time; os.setpgid(0, 0); signal.signal(signal.SIGINT, signal.SIG_IGN); "
                   f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
-    parent = (f"import subprocess, time; subprocess.Popen([{PY!r}, '-c', {grandchild!r}], process_group=0); "
-              "time.sleep(120)")
+    parent = f"import subprocess, time; subprocess.Popen([{PY!r}, '-c', {grandchild!r}]); time.sleep(120)"
     codes, stopped = campaign.run_commands([[PY, "-c", parent]], 3.0, cwd=tmp_path, env={},
                                            logs=[tmp_path / "p.log"])
     assert stopped and codes[0] != 0
