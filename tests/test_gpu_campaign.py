@@ -256,8 +256,19 @@ def test_a_sequential_step_runs_its_commands_in_order_within_one_limit(tmp_path,
 
 def test_perf_runs_the_headline_cells_first_on_a_gpu():
     commands = campaign._perf(campaign.Context(PY, "cuda", "nvidia-h200"))
-    assert [c[c.index("--widths") + 1] if "--widths" in c else "all" for c in commands] == ["2048", "128", "all"]
+    assert [c[c.index("--widths") + 1] if "--widths" in c else "all" for c in commands] == ["2048", "128", "all",
+                                                                                          "all"]
     assert all(c[c.index("--out") + 1] == "reports/nvidia-h200" for c in commands)
+
+    def competitors(command):
+        names = command[command.index("--competitors") + 1:]
+        return names[:next((i for i, n in enumerate(names) if n.startswith("--")), len(names))]
+
+    from rampde.bench.suites import PERF_COMPETITORS
+
+    graphs = {"rampde-fp16-graph", "rampde-bf16-graph"}
+    assert all(set(competitors(c)) == set(PERF_COMPETITORS) - graphs for c in commands[:3])
+    assert set(competitors(commands[3])) == graphs, "the graph captures last, in a process of their own"
 
 
 def test_command_line_errors_name_the_bad_value(capsys):

@@ -212,13 +212,20 @@ def merge_training(ctx: Context) -> str:
 
 def _perf(ctx: Context) -> list[list[str]]:
     """The perf suite, its two headline cells first (the sweep orders cells small to large, and a
-    step cut short must not lose those); the last command resumes, skipping the cells done."""
+    step cut short must not lose those), then the rest, each command resuming past the cells done.
+    The CUDA-graph competitors come last, in a process of their own: a capture that fails on the
+    device can leave the process unable to allocate as before, which must spoil no other cell."""
+    from rampde.bench.suites import PERF_COMPETITORS
+
     suite = ["run", "--suite", "perf", "--out", ctx.reports]
     if not ctx.on_gpu:
         return [_bench(ctx, *suite)]
-    return [_bench(ctx, *suite, "--workloads", "mlp", "--widths", "2048", "--steps", "64"),
-            _bench(ctx, *suite, "--workloads", "conv", "--widths", "128", "--steps", "64"),
-            _bench(ctx, *suite)]
+    plain = ["--competitors", *[c for c in PERF_COMPETITORS if not c.endswith("-graph")]]
+    graphs = ["--competitors", *[c for c in PERF_COMPETITORS if c.endswith("-graph")]]
+    return [_bench(ctx, *suite, *plain, "--workloads", "mlp", "--widths", "2048", "--steps", "64"),
+            _bench(ctx, *suite, *plain, "--workloads", "conv", "--widths", "128", "--steps", "64"),
+            _bench(ctx, *suite, *plain),
+            _bench(ctx, *suite, *graphs)]
 
 
 STEPS: tuple[Step, ...] = (

@@ -11,8 +11,8 @@ per cell, with rampde's options changed one at a time.
   and with one option changed at a time (``storage="activations"``, ``state_dtype="low"``,
   ``cast_weights="per-use"``, ``cuda_graph=True``, ``fuse=True``), and the fast storage fused;
   for the conv workload every variant again with the conv weights and ``y0`` in
-  ``torch.channels_last``. Order (``ablation_plan``): every cell's variants that need no
-  compiling, then every cell's compiled (``fuse``) ones. The timed forward+backward is the
+  ``torch.channels_last``. Order (``ablation_plan``): every cell's plain variants, then every
+  cell's CUDA-graph ones, then every cell's compiled (``fuse``) ones. The timed forward+backward is the
   registry's (see ``competitors.rampde_run``: ``y0`` a leaf, TF32 off, autocast around the solve and the loss of
   ``y(T)``, the backward, a ``DynamicScaler`` kept across the runs in fp16); time and memory come
   from ``measure.measure_calls``, gradient errors against the fp64 run of the same scheme
@@ -162,6 +162,12 @@ class Variant:
         """Runs ``torch.compile``d kernels (``fuse``): its first run in a process compiles."""
         return bool(self.options.get("fuse"))
 
+    @property
+    def captured(self) -> bool:
+        """Captures CUDA graphs (``cuda_graph``): a capture that fails on the device can leave the
+        process's allocator unusable for what follows."""
+        return bool(self.options.get("cuda_graph"))
+
     def options_json(self) -> str:
         return "" if self.competitor else json.dumps(self.options, sort_keys=True)
 
@@ -283,12 +289,14 @@ def _variants_for(cell: PerfCell, names: Sequence[str] | None) -> list[Variant]:
 
 
 def ablation_plan(cells: Sequence[PerfCell], names: Sequence[str] | None = None) -> list[tuple[PerfCell, Variant]]:
-    """The (cell, variant) pairs in the order they are measured: every cell's variants that run
-    without compiling first, then every cell's compiled ones. A compile takes many seconds per
-    precision and shape, so a run stopped at its time limit has measured every cell's defaults
-    and plain options before any of that time is spent."""
+    """The (cell, variant) pairs in the order they are measured: every cell's plain variants
+    first, then every cell's CUDA-graph ones, then every cell's compiled ones. A compile takes many
+    seconds per precision and shape, so a run stopped at its time limit has measured every cell's
+    defaults and plain options before any of that time is spent; and a graph capture that failed
+    on the device, which can leave the process unable to allocate as before, spoils no plain row."""
     pairs = [(cell, v) for cell in cells for v in _variants_for(cell, names)]
-    return [p for p in pairs if not p[1].compiled] + [p for p in pairs if p[1].compiled]
+    return ([p for p in pairs if not p[1].compiled and not p[1].captured] + [p for p in pairs if p[1].captured]
+            + [p for p in pairs if p[1].compiled])
 
 
 def variant_names(workloads: Iterable[str]) -> list[str]:

@@ -144,13 +144,16 @@ def test_compiled_variants_come_last_in_each_layout():
     assert names[:3] == ["torchdiffeq-fp32", "rampde-bf16", "rampde-fp16"]
 
 
-def test_the_plan_measures_every_cells_plain_variants_before_any_compiled_one():
+def test_the_plan_measures_every_cells_plain_variants_then_graph_then_compiled_ones():
     cells = [MLP, PerfCell("conv", 8, 8, 2)]
     plan = ablation.ablation_plan(cells)
-    compiled = [variant.compiled for _, variant in plan]
-    first_compiled = compiled.index(True)
-    assert not any(compiled[:first_compiled]) and all(compiled[first_compiled:])
-    assert [c for c, _ in plan[:first_compiled]] == [MLP] * 11 + [cells[1]] * 22  # cell by cell
+    kinds = ["compiled" if v.compiled else "graph" if v.captured else "plain" for _, v in plan]
+    first_graph, first_compiled = kinds.index("graph"), kinds.index("compiled")
+    assert set(kinds[:first_graph]) == {"plain"} and set(kinds[first_graph:first_compiled]) == {"graph"}
+    assert set(kinds[first_compiled:]) == {"compiled"}
+    assert [c for c, _ in plan[:first_graph]] == [MLP] * 9 + [cells[1]] * 18  # cell by cell
+    assert [(c.workload, v.name) for c, v in plan[first_graph:first_graph + 2]] == [
+        ("mlp", "rampde-bf16 cuda_graph"), ("mlp", "rampde-fp16 cuda_graph")]
     assert {(c, v.name) for c, v in plan} == {(c, v.name) for c in cells for v in ablation_variants(c.workload)}
     assert [(c.workload, v.name) for c, v in plan[first_compiled:first_compiled + 2]] == [
         ("mlp", "rampde-bf16 fuse"), ("mlp", "rampde-fp16 fuse")]
