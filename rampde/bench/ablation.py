@@ -295,8 +295,7 @@ def ablation_plan(cells: Sequence[PerfCell], names: Sequence[str] | None = None)
     defaults and plain options before any of that time is spent; and a graph capture that failed
     on the device, which can leave the process unable to allocate as before, spoils no plain row."""
     pairs = [(cell, v) for cell in cells for v in _variants_for(cell, names)]
-    return ([p for p in pairs if not p[1].compiled and not p[1].captured] + [p for p in pairs if p[1].captured]
-            + [p for p in pairs if p[1].compiled])
+    return sorted(pairs, key=lambda pair: (pair[1].compiled, pair[1].captured))  # stable: cell order kept
 
 
 def variant_names(workloads: Iterable[str]) -> list[str]:
