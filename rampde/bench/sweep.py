@@ -197,7 +197,8 @@ def failure_columns(exc: BaseException) -> dict[str, Any]:
 def measure_cell(cell: Cell, workloads: _Workloads, references: ReferenceCache, *, device: torch.device,
                  repeats: int, warmup: int, env: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Measure one cell: its result row and NVML timeline. Raises nothing but KeyboardInterrupt
-    (and other BaseExceptions): failures become the row's status and message."""
+    (and other BaseExceptions): failures become the row's status and message; freeing the memory
+    a failed cell held is the caller's (``run_sweep``)."""
     row: dict[str, Any] = {c: math.nan for c in COLUMNS}
     row.update(env)
     row.update(competitor=cell.competitor, workload=cell.workload, method=cell.method, width=cell.width,
@@ -226,8 +227,6 @@ def measure_cell(cell: Cell, workloads: _Workloads, references: ReferenceCache, 
             log.info("out of memory: %s", cell.label)
         else:
             log.exception("cell %s failed", cell.label)
-    if row["status"] != "ok" and not (row["status"] == "error" and measure.device_fault(device)):
-        free_memory()  # after the except block: the traceback's frames (and tensors) are gone
     row["timestamp"] = _now()
     return row, timeline
 
@@ -272,9 +271,11 @@ def run_sweep(cells: list[Cell], out_dir: Path, *, device: str | torch.device = 
                  f", {row['time_ms_median']:.3g} ms" if row["status"] == "ok" else f" ({row['message']})")
         if progress:
             progress(index + 1, len(todo), cell, row)
-        fault = measure.device_fault(device) if row["status"] == "error" else ""
-        if fault:
-            raise DeviceLost(f"{device} is unusable after {cell.label} failed ({fault}); that cell is stored as an "
-                             f"error, and the {len(todo) - index - 1} cell(s) after it are left for a rerun, "
-                             "which resumes in a fresh process")
+        if row["status"] != "ok":
+            fault = measure.device_fault(device) if row["status"] == "error" else ""
+            if fault:
+                raise DeviceLost(f"{device} is unusable after {cell.label} failed ({fault}); that cell is stored as "
+                                 f"an error, and the {len(todo) - index - 1} cell(s) after it are left for a rerun, "
+                                 "which resumes in a fresh process")
+            free_memory()  # measure_cell has returned: the traceback's frames (and tensors) are gone
     return store.table
