@@ -41,7 +41,8 @@ from . import measure
 from . import competitors
 from .competitors import METHOD, RunOutput, get_competitor
 from .results import atomic_write, write_csv_atomic
-from .sweep import Cell, ReferenceCache, _message, _now, accuracy_columns, failure_columns, free_memory, is_oom
+from .sweep import (Cell, ReferenceCache, _message, _now, accuracy_columns, failure_columns, free_memory, is_oom,
+                    raise_if_device_lost)
 from .workloads import WORKLOADS, Workload, build_workload
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,8 @@ def _unsupported(exc: BaseException, variant: Variant) -> bool:
 def measure_variant(variant: Variant, get_workload: Callable[[], Workload], cell: PerfCell, *,
                     device: torch.device, repeats: int, warmup: int,
                     reference: Callable[[Workload], RunOutput | str], env: Mapping[str, Any]) -> dict[str, Any]:
-    """One ablation row. Raises nothing but BaseExceptions (Ctrl-C): failures are the status.
+    """One ablation row. Raises nothing but BaseExceptions (Ctrl-C): failures are the status; the
+    caller frees a failed row's memory (once this frame, which holds the workload, is gone).
 
     ``get_workload()`` gives the cell's workload in the variant's layout (built inside, so that a
     workload that does not fit is an oom row too); ``reference(workload)`` the fp64 same-scheme
@@ -266,8 +268,6 @@ def measure_variant(variant: Variant, get_workload: Callable[[], Workload], cell
                 log.info("out of memory: %s %s", cell.label, variant.name)
             else:
                 log.exception("%s %s failed", cell.label, variant.name)
-    if row["status"] != "ok":
-        free_memory()  # after the except block: the traceback's frames (and tensors) are gone
     row["timestamp"] = _now()
     return row
 
@@ -368,4 +368,10 @@ def run_ablation(cells: Sequence[PerfCell], out_dir: Path, *, device: str | torc
                  f", {row['time_ms_median']:.3g} ms" if row["status"] == "ok" else f" ({row['message']})")
         if progress:
             progress(index + 1, len(plan), cell, variant, row)
+        if row["status"] == "error":
+            raise_if_device_lost(device, f"{cell.label} {variant.name}",
+                                 f"the {len(plan) - index - 1} row(s) after it were not run; the rows so far are in "
+                                 f"{out_dir / ABLATION_FILE}")
+        if row["status"] != "ok":
+            free_memory()
     return pd.DataFrame(rows, columns=list(ABLATION_COLUMNS))

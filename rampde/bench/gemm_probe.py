@@ -40,7 +40,7 @@ import torch
 from . import measure
 from .competitors import tf32
 from .results import write_csv_atomic
-from .sweep import _now, failure_columns, free_memory
+from .sweep import _now, failure_columns, free_memory, raise_if_device_lost
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,6 @@ def run_probe(shapes: Sequence[GemmShape], out_dir: Path, *, device: str | torch
             row = {**_shape_row(shape, inner, repeats), **failure_columns(exc)}
             if row["status"] == "error":
                 log.exception("GEMM probe %s failed", shape.label())
-        free_memory()
         row.update(gpu=env["gpu"], device=env["device"], commit=env.get("commit", ""), timestamp=_now())
         rows.append(row)
         _add_ratios(rows, peak)
@@ -255,6 +254,11 @@ def run_probe(shapes: Sequence[GemmShape], out_dir: Path, *, device: str | torch
         write_csv_atomic(table, path)
         if progress:
             progress(index + 1, len(shapes), shape, rows[-1])
+        if row["status"] == "error":
+            raise_if_device_lost(device, f"GEMM probe {shape.label()}",
+                                 f"the {len(shapes) - index - 1} shape(s) after it were not run; the rows so far are "
+                                 f"in {path}")
+        free_memory()
     return pd.DataFrame(rows, columns=list(GEMM_COLUMNS))
 
 

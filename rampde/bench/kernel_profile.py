@@ -31,7 +31,7 @@ from . import measure
 from .ablation import PerfCell, _write_json
 from .competitors import get_competitor
 from .results import write_csv_atomic
-from .sweep import failure_columns, free_memory
+from .sweep import failure_columns, free_memory, raise_if_device_lost
 from .workloads import Workload, build_workload
 
 log = logging.getLogger(__name__)
@@ -382,11 +382,15 @@ def run_profiles(competitors: Sequence[str], cells: Sequence[PerfCell], out_dir:
             entry.update(failure_columns(exc))
             if entry["status"] == "error":
                 log.exception("profiling %s on %s failed", name, cell.label)
-        free_memory()
         summary["profiles"][stem] = entry
         _write_json(folder / SUMMARY_FILE, summary)
         if progress:
             progress(index + 1, len(plan), name, cell, entry)
+        if entry["status"] == "error":
+            raise_if_device_lost(device, f"profiling {name} on {cell.label}",
+                                 f"the {len(plan) - index - 1} profile(s) after it were not run; the summary so far "
+                                 f"is {folder / SUMMARY_FILE}")
+        free_memory()
     return summary
 
 

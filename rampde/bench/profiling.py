@@ -31,6 +31,7 @@ from .ablation import (ABLATION_COLUMNS, ABLATION_FILE, DEFAULT_WORKLOADS, PerfC
 from .competitors import get_competitor
 from .kernel_profile import (MARK, PROFILE_COMPETITORS, PROFILE_DIR, PROFILE_SIZES, SUMMARY_FILE, SUMMARY_KEYS,
                              TOP_COLUMNS, categorise_kernel, categorise_op, profile_competitor, run_profiles)
+from .sweep import DeviceLost
 from .workloads import WORKLOADS
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as exc:
             print(f"{PROG}: error: {exc}", file=sys.stderr)
             return 2
+        except DeviceLost as exc:
+            print(f"{PROG}: stopped: {exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print(f"{PROG}: {INTERRUPTED}", file=sys.stderr)
             return 130

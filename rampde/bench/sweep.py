@@ -97,6 +97,15 @@ class DeviceLost(RuntimeError):
     end, and a rerun resumes after that cell in a fresh one."""
 
 
+def raise_if_device_lost(device: torch.device | str, failed: str, rest: str) -> None:
+    """``DeviceLost`` when ``failed`` (a label; its row already stored as an error) left ``device``
+    unable to run more work; ``rest`` says what becomes of the work after it."""
+    fault = measure.device_fault(device)
+    if fault:
+        raise DeviceLost(f"{device} is unusable after {failed} failed ({fault}); that row is stored as an error, "
+                         f"and {rest}")
+
+
 def free_memory() -> None:
     """Collect garbage and hand the CUDA allocator's cached blocks back."""
     gc.collect()
@@ -272,10 +281,8 @@ def run_sweep(cells: list[Cell], out_dir: Path, *, device: str | torch.device = 
         if progress:
             progress(index + 1, len(todo), cell, row)
         if row["status"] != "ok":
-            fault = measure.device_fault(device) if row["status"] == "error" else ""
-            if fault:
-                raise DeviceLost(f"{device} is unusable after {cell.label} failed ({fault}); that cell is stored as "
-                                 f"an error, and the {len(todo) - index - 1} cell(s) after it are left for a rerun, "
-                                 "which resumes in a fresh process")
+            if row["status"] == "error":
+                raise_if_device_lost(device, cell.label, f"the {len(todo) - index - 1} cell(s) after it are left for "
+                                                         "a rerun, which resumes in a fresh process")
             free_memory()  # measure_cell has returned: the traceback's frames (and tensors) are gone
     return store.table

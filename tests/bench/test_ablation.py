@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import rampde
-from rampde.bench import ablation
+from rampde.bench import ablation, sweep
 from rampde.bench.ablation import ABLATION_COLUMNS, PerfCell, ablation_variants, rampde_run, run_ablation
 from rampde.bench.competitors import get_competitor
 from rampde.bench.profiling import main
@@ -125,6 +125,30 @@ def test_other_failures_are_error_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(rampde, "odeint", broken)
     table = run_ablation([MLP], tmp_path, device="cpu", repeats=1, warmup=0, variants=["rampde-bf16"])
     assert list(table["status"]) == ["error"] and "something else broke" in table["message"][0]
+
+
+def test_a_variant_that_breaks_the_device_is_kept_and_the_ablation_stops_with_exit_1(tmp_path, monkeypatch, capsys):
+    """After an illegal memory access every later CUDA call fails: the failed row is written, no
+    further variant is asked of the device, and the command says why it stopped."""
+    real, lost = rampde.odeint, []
+
+    def crash(func, y0, t, **kwargs):
+        if (kwargs.get("options") or {}).get("storage") == "activations":
+            lost.append(True)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        assert not lost, "a variant ran on a lost device"
+        return real(func, y0, t, **kwargs)
+
+    monkeypatch.setattr(rampde, "odeint", crash)
+    monkeypatch.setattr(sweep.measure, "device_fault",
+                        lambda device: "CUDA error: an illegal memory access was encountered" if lost else "")
+    names = ["rampde-bf16", "rampde-bf16 storage=activations", "rampde-bf16 state_dtype=low"]
+    code = main(["ablate", *TINY, "--workload", "mlp", "--variants", *names, "--out", str(tmp_path)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1
+    assert "stopped:" in err and "illegal memory access" in err and "the 1 row(s) after it were not run" in err
+    on_disk = pd.read_csv(tmp_path / "ablation.csv")
+    assert list(on_disk["variant"]) == names[:2] and list(on_disk["status"]) == ["ok", "error"]
 
 
 def test_default_cells_measure_every_workloads_headline_cell_first():

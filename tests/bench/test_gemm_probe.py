@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rampde.bench import gemm_probe, profiling
+from rampde.bench import gemm_probe, profiling, sweep
 from rampde.bench.gemm_probe import GEMM_COLUMNS, GemmShape, linear_gemms, mlp_gemm_ceiling, probe_shapes, run_probe
 
 
@@ -117,6 +117,18 @@ def test_out_of_memory_and_errors_are_rows_and_the_probe_goes_on(tmp_path, monke
     assert "out of memory" in table.loc[1, "message"]
     assert table.loc[2, "message"] == "RuntimeError: cublas went away"
     assert math.isnan(table.loc[1, "vs_aligned"]) and math.isnan(table.loc[3, "vs_aligned"])  # 33 has no 32 row
+
+
+def test_a_shape_that_breaks_the_device_is_kept_and_the_probe_stops(tmp_path, monkeypatch):
+    def crash(shape, device, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gemm_probe, "measure_shape", crash)
+    monkeypatch.setattr(sweep.measure, "device_fault", lambda device: "CUDA error: an illegal memory access")
+    with pytest.raises(sweep.DeviceLost, match=r"after GEMM probe fp32 m=16 n=16 k=16 failed.*the 1 shape"):
+        run_probe(probe_shapes([16], 16, ["fp32"]), tmp_path, device="cpu", inner=1, repeats=1, warmup=0)
+    on_disk = pd.read_csv(tmp_path / "gemm.csv")
+    assert list(on_disk["k"]) == [16] and list(on_disk["status"]) == ["error"]
 
 
 def test_bad_inner_is_refused(tmp_path):

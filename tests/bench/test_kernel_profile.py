@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rampde.bench import kernel_profile
+from rampde.bench import kernel_profile, sweep
 from rampde.bench.ablation import PerfCell
 from rampde.bench.competitors import Competitor
 from rampde.bench.kernel_profile import (MARK, SUMMARY_KEYS, TOP_COLUMNS, categorise_kernel, categorise_op,
@@ -54,6 +54,20 @@ def test_profile_end_to_end(tmp_path, capsys):
     assert bf16.loc[bf16["name"] == "aten::addmm", "calls"].iloc[0] > 0  # per forward+backward
     assert json.loads((folder / "environment.json").read_text())["gpu"] == "cpu"
     assert "[2/2] rampde-bf16 mlp w8 b8 N2" in capsys.readouterr().err
+
+
+def test_a_profile_that_breaks_the_device_is_kept_and_the_rest_are_not_run(tmp_path, monkeypatch):
+    def crash(workload, steps):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    fake = Competitor("fake-crash", "bf16", "fake", "-", "rk4-discrete", crash)
+    real = kernel_profile.get_competitor
+    monkeypatch.setattr(kernel_profile, "get_competitor", lambda name: fake if name == "fake-crash" else real(name))
+    monkeypatch.setattr(sweep.measure, "device_fault", lambda device: "CUDA error: an illegal memory access")
+    with pytest.raises(sweep.DeviceLost, match=r"after profiling fake-crash on mlp w8 b8 N2 failed.*the 1 profile"):
+        run_profiles(["fake-crash", "torchdiffeq-fp32"], [MLP], tmp_path, device="cpu", calls=1, warmup=0)
+    entries = json.loads((tmp_path / "profile" / "summary.json").read_text())["profiles"]
+    assert {k: v["status"] for k, v in entries.items()} == {"fake-crash-mlp-w8-b8-s2": "error"}
 
 
 def test_profile_records_out_of_memory(tmp_path, monkeypatch):
