@@ -3,6 +3,7 @@ messages for empty and partial results, and the page rendered in headless Chromi
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import logging
@@ -18,6 +19,7 @@ pd = pytest.importorskip("pandas")
 pytest.importorskip("plotly")
 
 from rampde.bench import report  # noqa: E402
+from rampde.bench.report.sections import CPU_NOTICE  # noqa: E402
 from rampde.bench.results import claims as per_cell_claims  # noqa: E402
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -421,7 +423,23 @@ def test_cpu_results_say_memory_was_not_measured(tmp_path: Path) -> None:
     text = out.read_text(encoding="utf-8")
     assert "Memory was not measured on the CPU" in text
     assert "peak memory was not measured on the CPU" in text  # the memory claim's note
+    assert html.escape(CPU_NOTICE, quote=True) in text, "a newcomer is told what CPU times are worth"
     assert len(GRAPH_DIV.findall(text)) == 3  # two time plots and the accuracy plot
+
+
+def test_cpu_results_without_tf32_are_not_called_partial(tmp_path: Path) -> None:
+    """TF32 is a CUDA matmul mode: a CPU run without torchdiffeq-tf32 lacks nothing it could have."""
+    rows = [_row("cpu", c, "mlp", 64, 16, device="cpu", peak_mem_bytes=math.nan)
+            for c in COMPETITORS if c != "torchdiffeq-tf32"]
+    path = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    text = report.build_dashboard([path], tmp_path / "d.html").read_text(encoding="utf-8")
+    assert "Partial results" not in text and "Peak memory was not measured in these results" not in text
+    gpu = tmp_path / "gpu.csv"
+    pd.DataFrame([{**r, "gpu": "NVIDIA H100", "device": "cuda:0"} for r in rows]).to_csv(gpu, index=False)
+    text = report.build_dashboard([gpu], tmp_path / "g.html").read_text(encoding="utf-8")
+    assert "Partial results: no successful cell of torchdiffeq-tf32" in text
+    assert html.escape(CPU_NOTICE, quote=True) not in text
 
 
 # ---------------------------------------------------------------------------------------------

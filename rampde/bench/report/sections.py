@@ -191,17 +191,24 @@ def _sections(results: pd.DataFrame, timelines: pd.DataFrame, asv: pd.DataFrame 
     return sections
 
 
+CPU_NOTICE = ("CPU results: the paper's claims are about a GPU's tensor cores, and the times here say nothing "
+              "about them; the CPU has no TF32 and no allocator peak to measure. The gradient errors come from "
+              "the same fp16/bf16 rounding as on a GPU. For the claims, run the sweep on a GPU.")
+
+
 def _section_notices(section: Section) -> list[str]:
     """What is missing in one GPU's results, in words."""
     res = section.results
     if res.empty:
         return ["No sweep results for this GPU model; only the data below."]
-    notes = []
+    on_cpu = section.gpu == "cpu"
+    notes = [CPU_NOTICE] if on_cpu else []
     ok = res[res["status"] == "ok"]
     if ok.empty:
         notes.append("Partial results: no cell ran successfully on this GPU.")
     present = set(ok["competitor"])
-    missing = [b for b in (BASELINE_FP32, BASELINE_TF32) if b not in present]
+    baselines = (BASELINE_FP32,) if on_cpu else (BASELINE_FP32, BASELINE_TF32)  # TF32 is a CUDA mode
+    missing = [b for b in baselines if b not in present]
     if missing:
         them = "them" if len(missing) > 1 else "it"
         notes.append(f"Partial results: no successful cell of {' or '.join(missing)}, "
@@ -210,9 +217,6 @@ def _section_notices(section: Section) -> list[str]:
         notes.append("Partial results: no successful rampde-* cell on this GPU.")
     if ok["time_ms_median"].isna().all() and not ok.empty:
         notes.append("Partial results: no timing (time_ms_median) in these results.")
-    if res["peak_mem_bytes"].isna().all():
-        if section.gpu == "cpu":
-            log.info("memory was not measured on the CPU")
-        else:
-            notes.append("Peak memory was not measured in these results.")
+    if res["peak_mem_bytes"].isna().all() and not on_cpu:  # the CPU notice says so
+        notes.append("Peak memory was not measured in these results.")
     return notes
