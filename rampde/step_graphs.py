@@ -14,6 +14,10 @@ step of any grid. Host numbers read while the body runs are frozen at capture: t
 target is one of them, fixed for a backward attempt (a retried backward captures anew).
 
 Off CUDA the same bodies run eagerly on the same buffers, with no capture.
+
+Memory: the captures of one thread replayed on one stream of one device share one graph memory
+pool (``shared_pool``). A pool of its own per capture stays cached after its graph is gone, so
+reserved memory grew with every graph solve of a training run.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _streams = threading.local()  # per thread: {device index: the side stream captures run on}
+_pools = threading.local()  # per thread: {(device index, replay stream handle): SharedPool}
 
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -44,6 +49,43 @@ def side_stream(device: torch.device) -> "torch.cuda.Stream":
     if index not in mine:
         mine[index] = torch.cuda.Stream(device=index)
     return mine[index]
+
+
+class SharedPool:
+    """A graph memory pool and the graph captured into it last.
+
+    The allocator forgets a pool once every graph captured into it is destroyed, and a later
+    ``capture_begin`` with its handle then fails an internal assert; holding the last graph keeps
+    the pool in use until the next capture into it replaces that graph.
+    """
+
+    def __init__(self, handle: tuple, last: "torch.cuda.CUDAGraph") -> None:
+        self.handle = handle
+        self.last = last
+
+
+def shared_pool(device: torch.device, stream: "torch.cuda.Stream") -> SharedPool | None:
+    """This thread's pool for graphs of ``device`` replayed on ``stream``; None before the first capture.
+
+    Sharing is safe because these graphs never run concurrently: each solve replays its graph on
+    ``stream`` and is done with it before the thread captures the next one, so the next graph's
+    replays queue behind the last one's. Graphs replayed on another stream get another pool.
+    """
+    return getattr(_pools, "by_key", {}).get(_pool_key(device, stream))
+
+
+def keep_pool(device: torch.device, stream: "torch.cuda.Stream", handle: tuple,
+              graph: "torch.cuda.CUDAGraph") -> None:
+    """Records ``graph``, just captured into ``handle``, as the last of this thread's pool for ``stream``."""
+    mine = getattr(_pools, "by_key", None)
+    if mine is None:
+        mine = _pools.by_key = {}
+    mine[_pool_key(device, stream)] = SharedPool(handle, graph)
+
+
+def _pool_key(device: torch.device, stream: "torch.cuda.Stream") -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, int(stream.cuda_stream)
 
 
 class StepReplay:
@@ -76,17 +118,22 @@ class StepReplay:
         """Runs ``body`` once for real on a side stream, then records it; returns the replay."""
         current = torch.cuda.current_stream(self.device)
         side = side_stream(self.device)
+        pool = shared_pool(self.device, current)
+        # A new handle only where no capture into this thread's pool for `current` has succeeded:
+        # a handle whose only graph failed its capture has no live graph and cannot be reused.
+        handle = pool.handle if pool is not None else torch.cuda.graph_pool_handle()
         side.wait_stream(current)
         with torch.cuda.stream(side):
             body()
             graph = torch.cuda.CUDAGraph()
             # capture_begin/end rather than torch.cuda.graph(): that one synchronises the device
             # and empties the allocator's cache at every capture, twice per solve here.
-            graph.capture_begin()
+            graph.capture_begin(pool=handle)
             try:
                 body()
             finally:
                 graph.capture_end()
+        keep_pool(self.device, current, handle, graph)
         current.wait_stream(side)
         log.debug("captured one solver step as a CUDA graph")
         return graph.replay

@@ -214,13 +214,14 @@ def test_real_capture_on_cuda(monkeypatch, dtype):
     field, y0 = field.cuda(), y0.cuda()
     t = torch.linspace(0, 1, 17, device="cuda")
     results = []
-    for cuda_graph in (False, True, True):  # the second graph solve captures again on the same stream
+    for cuda_graph in (False, True, True):  # the second graph solve captures again on the same stream and pool
         y = y0.clone().requires_grad_()
         with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
             sol = rampde.odeint(field, y, t, options={"cuda_graph": cuda_graph})
         grads = torch.autograd.grad(sol[-1].float().pow(2).mean(), [y, *field.parameters()])
         results.append((sol.detach(), grads))
     assert [r.replay is not None and r.eager_steps for r in made] == [1] * (2 if dtype is None else 4)
+    assert step_graphs.shared_pool(torch.device("cuda"), torch.cuda.current_stream()) is not None  # the forward's
     for graphed in results[1:]:
         assert rel_err(graphed[0], results[0][0]) < 1e-6
         for a, b in zip(graphed[1], results[0][1]):
@@ -228,11 +229,9 @@ def test_real_capture_on_cuda(monkeypatch, dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.xfail(strict=False, reason="a measurement, not yet a guarantee: each capture takes a private memory "
-                   "pool, which the allocator hands back only on empty_cache or when an allocation outside a "
-                   "capture fails, so reserved memory may grow with every graph solve of a training run; one pool "
-                   "per thread and device would bound it")
 def test_repeated_graph_solves_keep_reserved_memory_bounded(record_property):
+    """A training run solves with graphs thousands of times: the captures share one pool per thread
+    and stream, so reserved memory stays where the first solves left it."""
     field, y0 = case("mlp")
     field, y0 = field.cuda(), y0.cuda()
     t = torch.linspace(0, 1, 9, device="cuda")
@@ -283,3 +282,74 @@ def test_each_thread_captures_on_one_side_stream_per_device(monkeypatch):
     worker.join()
     assert elsewhere[0] is not here and elsewhere[0].device == 1
     assert len(made) == 3
+
+
+def test_captures_of_a_thread_on_one_stream_share_a_pool_that_keeps_a_live_graph(monkeypatch):
+    """A pool per capture stayed reserved after its graph was gone. Captures of one thread replayed
+    on one stream share one pool instead; the pool holds its last graph, since the allocator
+    forgets a pool with no live graph and asserts when its handle is used again."""
+    import contextlib
+    import itertools
+    import threading
+
+    handles, graphs, failing = itertools.count(1), [], []
+
+    class FakeGraph:
+        def __init__(self):
+            self.pool = None
+            graphs.append(self)
+
+        def capture_begin(self, pool=None):
+            self.pool = pool
+            if failing:
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+        def capture_end(self):
+            pass
+
+        def replay(self):
+            pass
+
+    class FakeStream:
+        def __init__(self, device=None, handle=0):
+            self.cuda_stream = handle
+
+        def wait_stream(self, other):
+            pass
+
+    now = [FakeStream(handle=100)]
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: now[0])
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(step_graphs, "_streams", threading.local())
+    monkeypatch.setattr(step_graphs, "_pools", threading.local())
+    cuda = torch.device("cuda", 0)
+
+    def capture():
+        replay = step_graphs.StepReplay(cuda)
+        replay.run(lambda: None)
+        replay.run(lambda: None)  # replayed: no new capture
+        return graphs[-1]
+
+    first, second = capture(), capture()
+    assert len(graphs) == 2 and first.pool == second.pool == ("pool", 1)
+    assert step_graphs.shared_pool(torch.device("cuda"), now[0]).last is second
+    failing.append(True)
+    with pytest.raises(RuntimeError, match="capturing"):
+        capture()
+    assert step_graphs.shared_pool(cuda, now[0]).last is second, "a failed capture keeps the pool's live graph"
+    now[0] = FakeStream(handle=200)  # graphs replayed on another stream get a pool of their own...
+    with pytest.raises(RuntimeError):
+        capture()
+    assert step_graphs.shared_pool(cuda, now[0]) is None, "...and a first capture that failed leaves none behind"
+    failing.clear()
+    assert capture().pool == ("pool", 3)
+    elsewhere = []
+    worker = threading.Thread(target=lambda: elsewhere.append(capture().pool))
+    worker.start()
+    worker.join()
+    assert elsewhere == [("pool", 4)], "another thread, another pool"
+    assert capture().pool == ("pool", 3)
