@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .odeint import odeint  # noqa: E402
 from .scaling import DynamicScaler  # noqa: E402
+from .step_graphs import release_graph_pools  # noqa: E402
 from .tableaus import TABLEAUS, ButcherTableau  # noqa: E402
 
-__all__ = ["odeint", "DynamicScaler", "ButcherTableau", "TABLEAUS", "__version__"]
+__all__ = ["odeint", "DynamicScaler", "ButcherTableau", "TABLEAUS", "release_graph_pools", "__version__"]

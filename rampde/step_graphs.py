@@ -16,8 +16,9 @@ target is one of them, fixed for a backward attempt (a retried backward captures
 Off CUDA the same bodies run eagerly on the same buffers, with no capture.
 
 Memory: the captures of one thread replayed on one stream of one device share one graph memory
-pool (``shared_pool``). A pool of its own per capture stays cached after its graph is gone, so
-reserved memory grew with every graph solve of a training run.
+pool (``SharedPool``). A pool of its own per capture stays cached after its graph is gone, so
+reserved memory grew with every graph solve of a training run. ``release_graph_pools()`` lets
+``torch.cuda.empty_cache()`` hand the shared pools back.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _streams = threading.local()  # per thread: {device index: the side stream captures run on}
-_pools = threading.local()  # per thread: {(device index, replay stream handle): SharedPool}
+_pools_lock = threading.Lock()
+_pools: dict[tuple[int, int, int], "SharedPool"] = {}  # (thread, device index, replay stream handle)
 
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -42,7 +44,7 @@ def side_stream(device: torch.device) -> "torch.cuda.Stream":
     pool of streams that torch cycles through. One stream per thread and device keeps it to one
     each, and no two threads ever capture on the same stream.
     """
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     mine = getattr(_streams, "by_device", None)
     if mine is None:
         mine = _streams.by_device = {}
@@ -52,40 +54,74 @@ def side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 class SharedPool:
-    """A graph memory pool and the graph captured into it last.
+    """The graph memory pool that the captures of one thread replayed on one stream of one device share.
 
-    The allocator forgets a pool once every graph captured into it is destroyed, and a later
-    ``capture_begin`` with its handle then fails an internal assert; holding the last graph keeps
-    the pool in use until the next capture into it replaces that graph.
+    Sharing is safe because these graphs never run concurrently: a solve replays its graph on that
+    stream and is done with it before the thread captures the next one, whose replays queue behind
+    it. No graph is replayed after a later capture into its pool (which may reuse its freed
+    intermediates): ``StepReplay`` objects are not kept past their solve.
+
+    Two graphs are held. ``last``, the graph captured last, keeps the pool in use: the allocator
+    forgets a pool once no graph uses it, and ``capture_begin`` with its handle then fails an
+    internal assert. ``retired``, the one before, is held until the next capture begins
+    (``begin``): destroying a graph also frees the cuBLAS workspace of the stream it was captured
+    on, which the graph captured after it on that stream uses in its replays; by the next
+    capture's warm-up, which takes a fresh workspace, those replays are done.
     """
 
-    def __init__(self, handle: tuple, last: "torch.cuda.CUDAGraph") -> None:
+    def __init__(self, handle: tuple) -> None:
         self.handle = handle
-        self.last = last
+        self.last: "torch.cuda.CUDAGraph | None" = None
+        self.retired: "torch.cuda.CUDAGraph | None" = None
+
+    def begin(self) -> tuple:
+        """Before a capture's warm-up: drops the retired graph; returns the handle to capture into."""
+        self.retired = None
+        return self.handle
+
+    def keep(self, graph: "torch.cuda.CUDAGraph") -> None:
+        """After a capture into this pool succeeded."""
+        self.retired, self.last = self.last, graph
 
 
-def shared_pool(device: torch.device, stream: "torch.cuda.Stream") -> SharedPool | None:
-    """This thread's pool for graphs of ``device`` replayed on ``stream``; None before the first capture.
+def shared_pool(device: torch.device, stream: "torch.cuda.Stream") -> SharedPool:
+    """This thread's pool for graphs of ``device`` replayed on ``stream`` (made on first use)."""
+    key = _pool_key(device, stream)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = SharedPool(torch.cuda.graph_pool_handle())
+    return pool
 
-    Sharing is safe because these graphs never run concurrently: each solve replays its graph on
-    ``stream`` and is done with it before the thread captures the next one, so the next graph's
-    replays queue behind the last one's. Graphs replayed on another stream get another pool.
+
+def forget_pool(device: torch.device, stream: "torch.cuda.Stream") -> None:
+    """After a failed capture: the next one takes a new pool. A failed capture may leave its pool
+    marked as being recorded (torch 2.11 clears that mark only in a successful ``capture_end``),
+    and every later capture into it would then fail."""
+    with _pools_lock:
+        _pools.pop(_pool_key(device, stream), None)
+
+
+def release_graph_pools() -> int:
+    """Drops every thread's shared pools and the graphs they hold, so that
+    ``torch.cuda.empty_cache()`` can hand their memory back; returns how many there were.
+
+    Call it only while no solve with ``cuda_graph`` runs. The next capture starts a new pool.
     """
-    return getattr(_pools, "by_key", {}).get(_pool_key(device, stream))
+    with _pools_lock:
+        dropped = list(_pools.values())
+        _pools.clear()
+    count = len(dropped)
+    del dropped  # the graphs go here, outside the lock
+    return count
 
 
-def keep_pool(device: torch.device, stream: "torch.cuda.Stream", handle: tuple,
-              graph: "torch.cuda.CUDAGraph") -> None:
-    """Records ``graph``, just captured into ``handle``, as the last of this thread's pool for ``stream``."""
-    mine = getattr(_pools, "by_key", None)
-    if mine is None:
-        mine = _pools.by_key = {}
-    mine[_pool_key(device, stream)] = SharedPool(handle, graph)
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _pool_key(device: torch.device, stream: "torch.cuda.Stream") -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return index, int(stream.cuda_stream)
+def _pool_key(device: torch.device, stream: "torch.cuda.Stream") -> tuple[int, int, int]:
+    return threading.get_ident(), _index(device), int(stream.cuda_stream)
 
 
 class StepReplay:
@@ -95,7 +131,8 @@ class StepReplay:
     computation and the capture's warm-up, as CUDA asks), then is captured; each later step
     replays the graph without calling ``body``, so every call must pass a body that does the same
     work on the same buffers. A body must never synchronise with the host. Off CUDA ``body()``
-    runs eagerly every time.
+    runs eagerly every time. One object serves one solve direction and must not replay after it:
+    the graph's memory pool is shared with the captures that come later (``SharedPool``).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -119,21 +156,23 @@ class StepReplay:
         current = torch.cuda.current_stream(self.device)
         side = side_stream(self.device)
         pool = shared_pool(self.device, current)
-        # A new handle only where no capture into this thread's pool for `current` has succeeded:
-        # a handle whose only graph failed its capture has no live graph and cannot be reused.
-        handle = pool.handle if pool is not None else torch.cuda.graph_pool_handle()
+        handle = pool.begin()
         side.wait_stream(current)
-        with torch.cuda.stream(side):
-            body()
-            graph = torch.cuda.CUDAGraph()
-            # capture_begin/end rather than torch.cuda.graph(): that one synchronises the device
-            # and empties the allocator's cache at every capture, twice per solve here.
-            graph.capture_begin(pool=handle)
-            try:
+        try:
+            with torch.cuda.stream(side):
                 body()
-            finally:
-                graph.capture_end()
-        keep_pool(self.device, current, handle, graph)
+                graph = torch.cuda.CUDAGraph()
+                # capture_begin/end rather than torch.cuda.graph(): that one synchronises the device
+                # and empties the allocator's cache at every capture, twice per solve here.
+                graph.capture_begin(pool=handle)
+                try:
+                    body()
+                finally:
+                    graph.capture_end()
+        except BaseException:
+            forget_pool(self.device, current)
+            raise
+        pool.keep(graph)
         current.wait_stream(side)
         log.debug("captured one solver step as a CUDA graph")
         return graph.replay

@@ -221,7 +221,7 @@ def test_real_capture_on_cuda(monkeypatch, dtype):
         grads = torch.autograd.grad(sol[-1].float().pow(2).mean(), [y, *field.parameters()])
         results.append((sol.detach(), grads))
     assert [r.replay is not None and r.eager_steps for r in made] == [1] * (2 if dtype is None else 4)
-    assert step_graphs.shared_pool(torch.device("cuda"), torch.cuda.current_stream()) is not None  # the forward's
+    assert step_graphs.shared_pool(torch.device("cuda"), torch.cuda.current_stream()).last is not None  # forward
     for graphed in results[1:]:
         assert rel_err(graphed[0], results[0][0]) < 1e-6
         for a, b in zip(graphed[1], results[0][1]):
@@ -286,18 +286,22 @@ def test_each_thread_captures_on_one_side_stream_per_device(monkeypatch):
 
 def test_captures_of_a_thread_on_one_stream_share_a_pool_that_keeps_a_live_graph(monkeypatch):
     """A pool per capture stayed reserved after its graph was gone. Captures of one thread replayed
-    on one stream share one pool instead; the pool holds its last graph, since the allocator
-    forgets a pool with no live graph and asserts when its handle is used again."""
+    on one stream share one pool instead. The pool always holds a live graph (the allocator forgets
+    a pool without one and asserts when its handle is used again); the graph before the last is
+    destroyed only when the next capture begins (destroying a graph frees its capture stream's
+    cuBLAS workspace, which the last graph's replays use); a failed capture forgets the pool (it
+    may stay marked as being recorded)."""
     import contextlib
     import itertools
     import threading
+    import weakref
 
     handles, graphs, failing = itertools.count(1), [], []
 
     class FakeGraph:
         def __init__(self):
             self.pool = None
-            graphs.append(self)
+            graphs.append(weakref.ref(self))
 
         def capture_begin(self, pool=None):
             self.pool = pool
@@ -325,31 +329,40 @@ def test_captures_of_a_thread_on_one_stream_share_a_pool_that_keeps_a_live_graph
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(step_graphs, "_streams", threading.local())
-    monkeypatch.setattr(step_graphs, "_pools", threading.local())
+    monkeypatch.setattr(step_graphs, "_pools", {})
     cuda = torch.device("cuda", 0)
+    alive_at_warm_up = []
 
     def capture():
         replay = step_graphs.StepReplay(cuda)
-        replay.run(lambda: None)
+        replay.run(lambda: alive_at_warm_up.append([g() is not None for g in graphs]))
         replay.run(lambda: None)  # replayed: no new capture
-        return graphs[-1]
+        return graphs[-1]()
 
     first, second = capture(), capture()
     assert len(graphs) == 2 and first.pool == second.pool == ("pool", 1)
-    assert step_graphs.shared_pool(torch.device("cuda"), now[0]).last is second
+    pool = step_graphs.shared_pool(torch.device("cuda"), now[0])
+    assert pool.last is second and pool.retired is first
+    del first, second
+    third = capture()
+    assert third.pool == ("pool", 1)
+    assert alive_at_warm_up[-2:] == [[False, True], [False, True, True]], \
+        "the retired graph goes before the warm-up; the last one stays through the capture"
     failing.append(True)
     with pytest.raises(RuntimeError, match="capturing"):
         capture()
-    assert step_graphs.shared_pool(cuda, now[0]).last is second, "a failed capture keeps the pool's live graph"
-    now[0] = FakeStream(handle=200)  # graphs replayed on another stream get a pool of their own...
-    with pytest.raises(RuntimeError):
-        capture()
-    assert step_graphs.shared_pool(cuda, now[0]) is None, "...and a first capture that failed leaves none behind"
     failing.clear()
-    assert capture().pool == ("pool", 3)
+    assert capture().pool == ("pool", 2), "a failed capture's pool is not captured into again"
+    now[0] = FakeStream(handle=200)
+    assert capture().pool == ("pool", 3), "graphs replayed on another stream get a pool of their own"
     elsewhere = []
     worker = threading.Thread(target=lambda: elsewhere.append(capture().pool))
     worker.start()
     worker.join()
     assert elsewhere == [("pool", 4)], "another thread, another pool"
     assert capture().pool == ("pool", 3)
+    del pool, third
+    assert step_graphs.release_graph_pools() == 3  # this thread's two streams, the worker's one
+    assert step_graphs.release_graph_pools() == 0
+    assert all(g() is None for g in graphs), "released pools hold no graph"
+    assert capture().pool == ("pool", 5)

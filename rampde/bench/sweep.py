@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 import torch
 
+from ..step_graphs import release_graph_pools
 from . import measure
 from .competitors import Competitor, RunOutput, get_competitor, reference_run
 from .results import COLUMNS, ResultsStore
@@ -107,9 +108,11 @@ def raise_if_device_lost(device: torch.device | str, failed: str, rest: str) -> 
 
 
 def free_memory() -> None:
-    """Collect garbage and hand the CUDA allocator's cached blocks back."""
+    """Collect garbage and hand the CUDA allocator's cached blocks back, the shared memory pools
+    of CUDA-graph steps included."""
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        release_graph_pools()
         torch.cuda.empty_cache()
 
 

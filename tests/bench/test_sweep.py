@@ -255,3 +255,13 @@ def test_bad_settings():
         run_sweep([], "unused", device="cpu", repeats=0)
     with pytest.raises(ValueError, match="not a torch device"):
         run_sweep([], "unused", device="tpu7")
+
+
+def test_free_memory_releases_the_graph_pools_before_emptying_the_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(sweep, "release_graph_pools", lambda: calls.append("release"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    sweep.free_memory()
+    assert calls == ["release", "empty_cache"], "a pool still held keeps its memory through empty_cache"
