@@ -102,6 +102,20 @@ def forget_pool(device: torch.device, stream: "torch.cuda.Stream") -> None:
         _pools.pop(_pool_key(device, stream), None)
 
 
+def _end_failed_capture(device: torch.device, handle: tuple) -> None:
+    """Takes a failed capture's pool off the allocator's list of captures underway: torch 2.11's
+    ``capture_end`` does so only for a capture that succeeded, and ``torch.cuda.empty_cache()``
+    then fails an assert that the list is empty. A no-op where torch took it off itself, where the
+    capture never began, and in torch versions without this call."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is None:
+        return
+    try:
+        end(_index(device), handle)
+    except RuntimeError:  # "not currently recording to mempool_id"
+        log.debug("no capture underway into pool %s", handle)
+
+
 def release_graph_pools() -> int:
     """Drops every thread's shared pools and the graphs they hold, so that
     ``torch.cuda.empty_cache()`` can hand their memory back; returns how many there were.
@@ -171,6 +185,7 @@ class StepReplay:
                     graph.capture_end()
         except BaseException:
             forget_pool(self.device, current)
+            _end_failed_capture(self.device, handle)
             raise
         pool.keep(graph)
         current.wait_stream(side)
