@@ -148,6 +148,14 @@ def _plan(args: argparse.Namespace, device) -> tuple[Any, list, int, int]:
     return suite, make_grid(competitors, workloads, steps), repeats, warmup
 
 
+def _out_folder(value: str | None, default: Path) -> Path:
+    """``--out`` as a folder (``default`` when not given); UsageError when it names a file."""
+    out = Path(value) if value else default
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} is a file; give a folder for the results")
+    return out
+
+
 def _default_out(suite: str, device) -> Path:
     """``reports/<gpu-slug>/`` on a GPU (the committed data; quick and perf cells are paper cells
     too); on the CPU ``reports/cpu/`` for the paper suite, else ``reports/quick/cpu/`` (quick) or
@@ -172,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seed = _one_int("--seed", args.seed, 0) or 0
     threads = _one_int("--threads", args.threads, 1)
     suite, cells, repeats, warmup = _plan(args, device)
-    out = Path(args.out) if args.out else _default_out(suite.name, device)
+    out = _out_folder(args.out, _default_out(suite.name, device))
     err = args.console
     if threads is not None:
         import torch
@@ -382,7 +390,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(env, indent=2))
         return 0
-    table = Table(title="environment recorded with every result")
+    table = Table(title="environment recorded with every result",
+                  caption="tf32 and cudnn_tf32 are torch's settings in this process; each measured cell "
+                          "records the ones it ran with (on for torchdiffeq-tf32 only)")
     table.add_column("key", no_wrap=True)
     table.add_column("value")
     for key, value in env.items():

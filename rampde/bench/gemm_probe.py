@@ -285,7 +285,7 @@ def cmd_gemm(args: argparse.Namespace) -> int:
     """Runs the probe for ``profiling gemm``; ``UsageError`` for a bad value; the exit code."""
     from rich.markup import escape
 
-    from .cli import UsageError, _device, _ints, _items, _one_int
+    from .cli import UsageError, _device, _ints, _items, _one_int, _out_folder
     from .profiling import PROG, _default_out
 
     device = _device(args.device)
@@ -298,7 +298,7 @@ def cmd_gemm(args: argparse.Namespace) -> int:
         raise UsageError(f"--precisions: unknown {unknown}; known: {', '.join(PRECISIONS)}")
     repeats = _one_int("--repeats", args.repeats, 1) or 5
     inner = _one_int("--inner", args.inner, 1) or 10
-    out = Path(args.out) if args.out else _default_out(device)
+    out = _out_folder(args.out, _default_out(device))
     shapes = probe_shapes(widths, batch, list(dict.fromkeys(precisions)))
     err = args.console
     err.print(f"[bold]{PROG} gemm[/]: {len(shapes)} shapes on {measure.gpu_name(device)} ({device}) -> "

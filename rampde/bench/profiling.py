@@ -77,7 +77,7 @@ def _counts(args: argparse.Namespace, repeats: int, warmup: int) -> tuple[int, i
 def cmd_ablate(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from .cli import UsageError, _device, _items, _one_int
+    from .cli import UsageError, _device, _items, _one_int, _out_folder
 
     device = _device(args.device)
     cells = _cells(args, device, DEFAULT_WORKLOADS)
@@ -88,7 +88,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UsageError(f"--variants: unknown {unknown}; known here: {', '.join(known)}")
-    out = Path(args.out) if args.out else _default_out(device)
+    out = _out_folder(args.out, _default_out(device))
     err = args.console
     err.print(f"[bold]{PROG} ablate[/]: {len(cells)} cells on {measure.gpu_name(device)} ({device}), {repeats} "
               f"repeats after {warmup} warm-up runs -> {escape(str(out / ABLATION_FILE))}", highlight=False)
@@ -116,7 +116,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from .cli import UsageError, _device, _items, _one_int
+    from .cli import UsageError, _device, _items, _one_int, _out_folder
 
     device = _device(args.device)
     competitors = _items(args.competitors) or list(PROFILE_COMPETITORS)
@@ -134,7 +134,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     calls, warmup = _counts(args, 3, 2)
     top = _one_int("--top", args.top, 1) or 40
     seed = _one_int("--seed", args.seed, 0) or 0
-    out = Path(args.out) if args.out else _default_out(device)
+    out = _out_folder(args.out, _default_out(device))
     err = args.console
     err.print(f"[bold]{PROG} profile[/]: {len(competitors)} competitors x {len(cells)} cells on "
               f"{measure.gpu_name(device)} ({device}), {calls} calls after {warmup} warm-up runs -> "

@@ -159,6 +159,15 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]]
 
 
+CSV_ERRORS = (pd.errors.ParserError, UnicodeDecodeError)  # what pandas raises for a file that is no CSV
+
+
+def csv_error(exc: BaseException) -> str:
+    """The first line of a CSV_ERRORS error, for a message naming the file."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_results(path: Path) -> pd.DataFrame:
     """Read a results CSV, typed (``normalise``); ``FileNotFoundError`` naming it, ``ValueError``
     for a file that is not a results table."""
@@ -170,6 +179,8 @@ def read_results(path: Path) -> pd.DataFrame:
                          na_values={c: ["", "nan", "NaN"] for c in FLOAT_COLUMNS + INT_COLUMNS})
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is not a rampde results table: it is empty") from None
+    except CSV_ERRORS as exc:
+        raise ValueError(f"{path} is not a rampde results table: not a CSV file ({csv_error(exc)})") from None
     missing = [c for c in ("cell_id", "competitor", "workload", "status") if c not in df.columns]
     if missing:
         raise ValueError(f"{path} is not a rampde results table: missing columns {missing}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -59,6 +60,21 @@ def _split_names(values: Sequence[str] | str, known: Mapping[str, Any], what: st
     return list(dict.fromkeys(names))
 
 
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {list(SIZES)}, got {size!r}")
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder (it will hold training.csv and checkpoints/)")
+
+
+def _usage_error(message: str) -> None:
+    """One plain line on stderr, as the other rampde-bench commands print theirs (no wrapping)."""
+    print(f"rampde-bench train: error: {message}", file=sys.stderr)
+
+
 def _format_tables(table: pd.DataFrame) -> list:
     """One compact rich table per task (fits 80 columns)."""
     from rich import box
@@ -88,18 +104,24 @@ def main_train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console, err = Console(), Console(stderr=True)
-    try:
-        tasks = _split_names(args.task, TASKS, "task")
-        competitors = _split_names(args.competitors, TRAINING_RECIPES, "competitor")
-        if args.epochs is not None:
-            _check_int("--epochs", args.epochs, 1)
-        _check_int("--seed", args.seed, 0)
-        if args.size not in SIZES:
-            raise ValueError(f"--size must be one of {list(SIZES)}, got {args.size!r}")
-        resolve_device(args.device)
-    except ValueError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
+    checks = [
+        ("--task", lambda: _split_names(args.task, TASKS, "task")),
+        ("--competitors", lambda: _split_names(args.competitors, TRAINING_RECIPES, "competitor")),
+        ("--epochs", lambda: args.epochs is None or _check_int("--epochs", args.epochs, 1)),
+        ("--seed", lambda: _check_int("--seed", args.seed, 0)),
+        ("--size", lambda: _check_size(args.size)),
+        ("--device", lambda: resolve_device(args.device)),
+        ("--out", lambda: _check_out(Path(args.out))),
+    ]
+    values = {}
+    for option, check in checks:
+        try:
+            values[option] = check()
+        except ValueError as exc:
+            text = str(exc)
+            _usage_error(text if text.startswith(option) else f"{option}: {text}")
+            return 2
+    tasks, competitors = values["--task"], values["--competitors"]
 
     frames = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -123,7 +145,7 @@ def main_train(args: argparse.Namespace) -> int:
         err.print(f"interrupted; rerun the same command to resume from {args.out}")
         return 130
     except ValueError as exc:  # e.g. an out folder holding a run with other settings
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _usage_error(str(exc))
         return 2
     console.print(f"results: {Path(args.out) / CSV_NAME}")
     return 0

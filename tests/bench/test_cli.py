@@ -267,3 +267,41 @@ def test_report_screenshot_without_chromium_names_the_option(monkeypatch, tmp_pa
     err = capsys.readouterr().err
     assert "report --screenshot: no Chromium found" in err and "chromium package" in err
     assert not png.exists()
+
+
+BINARY = bytes(range(128, 256)) * 4  # not UTF-8: pandas' parser raises UnicodeDecodeError
+
+
+def test_a_file_as_out_is_refused_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    from rampde.bench import profiling, sweep
+
+    taken = tmp_path / "run.log"
+    taken.write_text("a log\n")
+    measured = []
+    monkeypatch.setattr(sweep, "measure_cell", lambda *a, **k: measured.append(a))
+    assert main([*TINY_RUN, "--out", str(taken)]) == 2
+    assert f"--out: {taken} is a file; give a folder" in capsys.readouterr().err
+    for command in (["ablate", "--workload", "mlp"], ["profile"], ["gemm"]):
+        assert profiling.main([*command, "--device", "cpu", "--out", str(taken)]) == 2
+        assert f"--out: {taken} is a file" in capsys.readouterr().err, command
+    assert measured == [] and taken.read_text() == "a log\n"
+
+
+def test_claims_of_a_file_that_is_no_csv_names_it(tmp_path, capsys):
+    binary = tmp_path / "results.csv"
+    binary.write_bytes(BINARY)
+    assert main(["claims", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert f"{binary} is not a rampde results table: not a CSV file" in err and "Traceback" not in err
+
+
+def test_report_leaves_out_a_file_that_is_no_csv_or_no_results_table(tmp_path, capsys):
+    pytest.importorskip("plotly")
+    binary, claims_csv = tmp_path / "binary.csv", tmp_path / "claims.csv"
+    binary.write_bytes(BINARY)
+    claims_csv.write_text("gpu,competitor,workload,method,width,batch,steps,time_ms\ncpu,rampde-bf16,mlp,rk4,8,8,2,1.0\n")
+    out = tmp_path / "d.html"
+    assert main(["report", "--results", str(binary), str(claims_csv), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert f"{binary} is not a CSV file" in text
+    assert f"{claims_csv} lacks the column(s) status; it was left out." in text

@@ -258,16 +258,25 @@ def test_cli_interrupted_while_printing_exits_130_with_the_results_whole(digits_
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (("--task", "mnist"), "unknown task 'mnist'"),
-        (("--competitors", "rampde-fp8"), "unknown competitor 'rampde-fp8'"),
+        (("--task", "mnist"), "--task: unknown task 'mnist'"),
+        (("--competitors", "rampde-fp8"), "--competitors: unknown competitor 'rampde-fp8'"),
         (("--epochs", "0"), "--epochs must be an integer >= 1"),
-        (("--device", "npu"), "device must be"),
+        (("--device", "npu"), "--device: device must be"),
     ],
 )
 def test_cli_errors(tmp_path, capsys, argv, message):
     assert main_train(_parse("--out", str(tmp_path), *argv)) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"rampde-bench train: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "training.csv").exists()
+
+
+def test_cli_refuses_a_file_as_the_out_folder_before_training(tmp_path, capsys):
+    taken = tmp_path / "run.log"
+    taken.write_text("not a folder\n")
+    assert main_train(_parse("--out", str(taken), "--task", "digits", "--size", "tiny", "--device", "cpu")) == 2
+    assert f"--out: {taken} is a file; give a folder" in capsys.readouterr().err
+    assert taken.read_text() == "not a folder\n"
 
 
 def test_cli_rejects_a_bad_size():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..results import CSV_ERRORS, csv_error
 from .schema import (
     CELL_COLUMNS, GRID_COLUMNS, NUMERIC_COLUMNS, REQUIRED_COLUMNS, STRING_COLUMNS, TIMELINE_COLUMNS,
     UNKNOWN_GPU,
@@ -24,6 +25,10 @@ def _empty_results() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="object") for c in REQUIRED_COLUMNS + ("gpu",)})
 
 
+class NotACsv(ValueError):
+    """A file given as a table that does not parse as CSV; its message is the dashboard's notice."""
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     """A CSV as a DataFrame (text columns kept as text: CUDA "12.10" is not 12.1); an empty file
     gives an empty frame; a missing one raises."""
@@ -33,6 +38,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS})
     except pd.errors.EmptyDataError:
         return pd.DataFrame()
+    except CSV_ERRORS as exc:
+        raise NotACsv(f"{path} is not a CSV file ({csv_error(exc)}); it was left out.") from None
 
 
 def _normalise_results(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -71,7 +78,11 @@ def load_results(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"results file not found: {path}")
-        frame = _read_csv(path)
+        try:
+            frame = _read_csv(path)
+        except NotACsv as exc:
+            notices.append(str(exc))
+            continue
         if frame.empty:
             notices.append(f"{path} holds no result rows.")
             continue
@@ -94,7 +105,11 @@ def load_timelines(results_paths: Sequence[Path], results: pd.DataFrame) -> pd.D
         tl_path = path.parent / "timelines.csv"
         if not tl_path.is_file():
             continue
-        tl = _read_csv(tl_path)
+        try:
+            tl = _read_csv(tl_path)
+        except NotACsv as exc:
+            log.warning("%s", exc)
+            continue
         if tl.empty or "cell_id" not in tl or "t_s" not in tl:
             log.warning("timelines file %s is empty or lacks cell_id/t_s; skipped", tl_path)
             continue
@@ -212,7 +227,11 @@ def load_training(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"training file not found: {path}")
-        df = _read_csv(path)
+        try:
+            df = _read_csv(path)
+        except NotACsv as exc:
+            notices.append(f"Training file {exc}")
+            continue
         missing = [c for c in TRAINING_REQUIRED if c not in df.columns]
         if df.empty or missing:
             what = "holds no rows" if df.empty else f"lacks the column(s) {', '.join(missing)}"

@@ -3,7 +3,7 @@ columns, and the timeline columns."""
 
 from __future__ import annotations
 
-REQUIRED_COLUMNS = ("competitor", "workload", "width", "batch", "steps")
+REQUIRED_COLUMNS = ("competitor", "workload", "width", "batch", "steps", "status")
 GRID_COLUMNS = ("width", "batch", "steps")
 CELL_COLUMNS = ("workload", "method", "width", "batch", "steps")
 NUMERIC_COLUMNS = (
