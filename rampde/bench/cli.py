@@ -294,6 +294,17 @@ def _print_claims(per_cell, console) -> None:
     console.print(table)
 
 
+def _results_arguments(parser: argparse.ArgumentParser) -> None:
+    """Results files as arguments or after --results, both accepted by claims, targets and report."""
+    parser.add_argument("files", nargs="*", metavar="RESULTS", help=f"results.csv files (default "
+                                                                     f"reports/{RESULTS_GLOB})")
+    parser.add_argument("--results", nargs="+", default=[], help="results.csv files, as the arguments")
+
+
+def _given_results(args: argparse.Namespace) -> list[str]:
+    return [*args.files, *args.results]
+
+
 def _results_paths(given: Sequence[str] | None) -> list[Path]:
     if given:
         return [Path(p) for p in given]
@@ -319,7 +330,7 @@ def _read_all(command: str, given: Sequence[str] | None):
 def cmd_claims(args: argparse.Namespace) -> int:
     from .results import claims, write_csv_atomic
 
-    per_cell = claims(_read_all("claims", args.results))
+    per_cell = claims(_read_all("claims", _given_results(args)))
     _print_claims(per_cell, _console())
     if args.csv:
         write_csv_atomic(per_cell, Path(args.csv))
@@ -368,7 +379,7 @@ def _print_targets(table, console) -> None:
 def cmd_targets(args: argparse.Namespace) -> int:
     from .targets import evaluate_targets, format_markdown
 
-    table = evaluate_targets(_read_all("targets", args.results))
+    table = evaluate_targets(_read_all("targets", _given_results(args)))
     if args.markdown:
         print(format_markdown(table), end="")
     else:
@@ -405,7 +416,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_dashboard
 
     width, height = _size(args.screenshot_size)
-    results = _results_paths(args.results)
+    results = _results_paths(_given_results(args))
     training = [Path(p) for p in args.training] if args.training else sorted(Path("reports").glob(TRAINING_GLOB))
     if not results:
         log.warning("no results file given and none at reports/%s: the dashboard will say so", RESULTS_GLOB)
@@ -485,17 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=cmd_env)
 
     claims = sub.add_parser("claims", help="print the claims computed from results files")
-    claims.add_argument("results", nargs="*", help=f"results.csv files (default reports/{RESULTS_GLOB})")
+    _results_arguments(claims)
     claims.add_argument("--csv", help="also write the per-cell claims to this CSV file")
     claims.set_defaults(func=cmd_claims)
 
     targets = sub.add_parser("targets", help="judge the performance targets from results files")
-    targets.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")
+    _results_arguments(targets)
     targets.add_argument("--markdown", action="store_true", help="print Markdown tables instead")
     targets.set_defaults(func=cmd_targets)
 
     report = sub.add_parser("report", help="build the HTML dashboard")
-    report.add_argument("--results", nargs="+", help=f"results.csv files (default reports/{RESULTS_GLOB})")
+    _results_arguments(report)
     report.add_argument("--asv-results", help=f"asv results folder, one sub-folder per GPU model (default "
                         f"{DEFAULT_ASV} when it exists)")
     report.add_argument("--training", nargs="+", help=f"training.csv files (default reports/{TRAINING_GLOB})")

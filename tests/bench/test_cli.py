@@ -3,6 +3,7 @@ report command's defaults, and every bad value refused with exit code 2 and the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -305,3 +306,18 @@ def test_report_leaves_out_a_file_that_is_no_csv_or_no_results_table(tmp_path, c
     text = out.read_text(encoding="utf-8")
     assert f"{binary} is not a CSV file" in text
     assert f"{claims_csv} lacks the column(s) status; it was left out." in text
+
+
+def test_claims_targets_and_report_take_results_files_either_way(tmp_path, capsys):
+    assert main([*TINY_RUN, "--out", str(tmp_path)]) == 0
+    results = str(tmp_path / "results.csv")
+    capsys.readouterr()
+    for command in ("claims", "targets"):
+        printed = []
+        for argv in ([command, results], [command, "--results", results]):
+            assert main(argv) == 0, argv
+            printed.append(capsys.readouterr().out)
+        assert printed[0] == printed[1] and "rampde-bf16" in printed[0], command
+    if importlib.util.find_spec("plotly"):
+        assert main(["report", results, "--out", str(tmp_path / "d.html")]) == 0
+        assert "rampde-bf16" in (tmp_path / "d.html").read_text(encoding="utf-8")
