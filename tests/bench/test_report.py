@@ -339,6 +339,20 @@ def test_dashboard_content(dashboard: Path) -> None:
     assert not list(dashboard.parent.glob(".*.tmp")), "the temporary file is left behind"
 
 
+def test_each_best_and_worst_cell_links_to_its_row_behind_the_claims(sweep: dict, dashboard: Path) -> None:
+    text = dashboard.read_text(encoding="utf-8")
+    links = re.findall(r'<a href="#(cell-[a-z0-9-]+)">([^<]+)</a>', text)
+    rows = set(re.findall(r'<td class="name" id="(cell-[a-z0-9-]+)">', text))
+    assert links and all(target in rows for target, _ in links), "a claim names a cell with no row"
+    assert text.count("Every cell behind these claims") == 2  # one per GPU tab
+    per_cell = len(per_cell_claims(pd.concat([pd.read_csv(p) for p in sweep["results"]])))
+    assert len(rows) == per_cell, "one row per rampde competitor and cell"
+    h100 = text[text.index(f'id="gpu-{report.slug(H100)}"'):]
+    row = re.search(r'<tr><td class="name" id="cell-nvidia-h100[^"]*-rampde-fp16-mlp-w-256-b-64-n-64">.*?</tr>', h100)
+    assert row, "the H100's rampde-fp16 row of mlp w=256 N=64"
+    assert 'class="held"' in row.group(0) or 'class="not-held"' in row.group(0), "each row is judged"
+
+
 def test_palette_is_fixed_and_stable() -> None:
     colours = report.competitor_colours(["zeta-x", "rampde-bf16", "alpha-y", "torchdiffeq-fp32"])
     assert colours["rampde-bf16"] == report.PALETTE["rampde-bf16"]
@@ -516,6 +530,28 @@ def test_dashboard_in_headless_chromium(dashboard: Path, tmp_path: Path) -> None
     assert load_s < 20
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000, "the screenshot is suspiciously small"
+
+
+@pytest.mark.browser
+def test_a_link_to_a_cell_opens_its_tab_and_unfolds_its_row(dashboard: Path) -> None:
+    """A best or worst cell of the claims table, followed from another tab or from outside the
+    page, shows the tab that holds the row, opens the folded table and scrolls to the row."""
+    binary = _chromium_or_skip()
+    helper = _browser_helper()
+    text = dashboard.read_text(encoding="utf-8")
+    h100 = text[text.index(f'id="gpu-{report.slug(H100)}"'):]
+    target = re.search(r'<a href="#(cell-[a-z0-9-]+)">', h100).group(1)
+    where = f"document.getElementById('{target}')"
+    with helper.DevTools(binary, width=1400, height=1200) as browser:
+        browser.navigate(dashboard.resolve().as_uri() + "#" + target)
+        assert helper.wait_until(browser, "document.documentElement.dataset.dashboardReady")
+        shown = browser.evaluate("[...document.querySelectorAll('section.gpu')].filter(s => !s.hidden).map(s => s.id)")
+        assert shown == [f"gpu-{report.slug(H100)}"]
+        assert browser.evaluate(f"{where}.closest('details').open") is True
+        top = browser.evaluate(f"{where}.getBoundingClientRect().top")
+        assert 0 <= top <= 1200, "the row is scrolled into view"
+        errors = browser.errors()
+    assert errors == []
 
 
 @pytest.mark.browser

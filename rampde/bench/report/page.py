@@ -90,8 +90,11 @@ _TABS = """
       });
     }, Promise.resolve());
   }
+  // The tab holding element `id` (a tab itself, or a cell's row inside one); else the first tab.
   function show(id){
-    if (!document.getElementById(id)) { id = sections.length ? sections[0].id : null; }
+    var target = id ? document.getElementById(id) : null;
+    var tab = target ? target.closest('section.gpu') : null;
+    id = tab ? tab.id : (sections.length ? sections[0].id : null);
     sections.forEach(function(s){ s.hidden = s.id !== id; });
     buttons.forEach(function(b){
       b.setAttribute('aria-selected', String(b.dataset.target === id)); });
@@ -102,9 +105,20 @@ _TABS = """
       var p = Plotly.Plots.resize(el); if (p && p.catch) { p.catch(function(){}); } });
     return draw(shown).then(function(){ shown.dataset.drawn = 'true'; });
   }
+  // A link to a cell's row (the claims table's best and worst cells): unfold and scroll to it.
+  function reveal(id){
+    var target = id ? document.getElementById(id) : null;
+    if (!target || target.matches('section.gpu')) { return; }
+    var box = target.closest('details'); if (box) { box.open = true; }
+    target.scrollIntoView({block: 'center'});
+  }
   buttons.forEach(function(b){ b.addEventListener('click', function(){
     history.replaceState(null, '', '#' + b.dataset.target); show(b.dataset.target); }); });
-  show(location.hash.slice(1)).then(function(){
+  window.addEventListener('hashchange', function(){
+    var id = location.hash.slice(1); show(id); reveal(id); });
+  var first = location.hash.slice(1);
+  show(first).then(function(){
+    reveal(first);
     document.documentElement.setAttribute('data-dashboard-ready', 'true'); });
 })();
 """

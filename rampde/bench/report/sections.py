@@ -10,14 +10,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from ..results import latest_cells
+from ..results import claims as per_cell_claims, latest_cells
 from .claims import BASELINE_FP32, BASELINE_TF32, OURS_PREFIX
 from .figures import (
     _base_layout, accuracy_figure, asv_figure, line_figure, memory_bars, timeline_figure,
 )  # fmt: skip
 from .style import _esc, _mem_unit, slug
 from .tables import (
-    _failures_html, _parity_html, _status_summary, claims_html, env_html, targets_html,
+    _failures_html, _parity_html, _status_summary, claim_cells_html, claims_html, env_html, targets_html,
 )  # fmt: skip
 
 log = logging.getLogger(__package__)  # the dashboard logs as one: rampde.bench.report
@@ -97,6 +97,7 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
         where = "on the CPU" if section.gpu == "cpu" else "on this GPU"
         parts.append(f"<h3>Claims of the paper {where}</h3>")
         parts.append(claims_html(claims, colours))
+        parts.append(claim_cells_html(per_cell_claims(res), colours, section.gpu))
         parts.append(
             '<p class="note">Speedup = time of the baseline / time of rampde in the same cell '
             "(workload, width, batch, steps; its newest successful run); memory ratio = peak allocator memory of rampde / "

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from .claims import GRAD_ERR_MAX, MEMORY_RATIO_MAX, SPEEDUP_MIN
 from .schema import ENV_COLUMNS
-from .style import _esc, _finite, _fmt, cell_label, competitor_order
+from .style import _esc, _finite, _fmt, cell_label, competitor_order, slug
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], raw: bool = False) -> str:
     """An HTML table; cells are escaped unless ``raw`` (then they are trusted HTML)."""
@@ -30,8 +31,20 @@ def _claim_value(claim: str, value: float, against: float) -> str:
     return f"{value:.3g}×"
 
 
+def cell_anchor(gpu: str, competitor: str, cell: str) -> str:
+    """The id of a competitor's row of a cell in the table behind the claims (``claim_cells_html``)."""
+    return "cell-" + slug(f"{gpu} {competitor} {cell}")
+
+
+def _cell_link(gpu: str, competitor: str, cell: str) -> str:
+    if not cell:
+        return ""
+    return f'<a href="#{cell_anchor(gpu, competitor, cell)}">{_esc(cell)}</a>'
+
+
 def claims_html(claims: pd.DataFrame, colours: dict[str, str]) -> str:
-    """The claims table of one GPU: verdict, best and worst cell for each claim."""
+    """The claims table of one GPU: verdict, best and worst cell for each claim, each cell a link
+    to its row in the table behind the claims."""
     if claims.empty:
         return (
             '<p class="empty">No claims to judge: these results hold no <code>rampde-*</code> '
@@ -61,13 +74,62 @@ def claims_html(claims: pd.DataFrame, colours: dict[str, str]) -> str:
             f'<td class="claim">{_esc(r["claim_text"])}<br><small>{_esc(r["rule"])}</small></td>',
             f'<td class="name">{_esc(r["against"])}</td>',
             f'<td class="{css}">{verdict}{note}</td>',
-            f'<td class="value"><b>{best}</b><br><small>{_esc(r["best_cell"])}</small></td>',
-            f'<td class="value"><b>{worst}</b><br><small>{_esc(r["worst_cell"])}</small></td>',
+            f'<td class="value"><b>{best}</b><br><small>{_cell_link(r["gpu"], r["competitor"], r["best_cell"])}'
+            "</small></td>",
+            f'<td class="value"><b>{worst}</b><br><small>{_cell_link(r["gpu"], r["competitor"], r["worst_cell"])}'
+            "</small></td>",
             f'<td class="num">{meeting} / {r["n_cells"]}</td>',
         ])  # fmt: skip
     header = ["competitor", "claim", "against", "verdict", "best (its cell)", "worst (its cell)",
               "cells meeting"]  # fmt: skip
     return f'<div class="scroll">{_table(header, rows, raw=True)}</div>'
+
+
+def _ratio_td(value: float, meets: bool | None) -> str:
+    css = "" if meets is None else ' class="held"' if meets else ' class="not-held"'
+    return f'<td{css} style="text-align:right">{_fmt(value, 3)}{"×" if _finite(value) else ""}</td>'
+
+
+def _error_td(value: float, meets: bool | None) -> str:
+    css = "" if meets is None else ' class="held"' if meets else ' class="not-held"'
+    text = f"{100 * value:.3g}%" if _finite(value) else _fmt(value)
+    return f'<td{css} style="text-align:right">{text}</td>'
+
+
+def claim_cells_html(per_cell: pd.DataFrame, colours: dict[str, str], gpu: str) -> str:
+    """Every cell behind one GPU's claims, one row per rampde competitor and cell (``results.claims``),
+    folded: the figures the verdicts above were judged on, coloured by whether each cell meets its
+    claim's threshold. The claims table's best and worst cells link to their rows here."""
+    if per_cell.empty:
+        return ""
+    order = {name: i for i, name in enumerate(competitor_order(per_cell["competitor"]))}
+    rows = []
+    for r in sorted(per_cell.to_dict("records"), key=lambda r: order[r["competitor"]]):
+        cell = cell_label(r)
+        speed, tf32, memory = r["speedup_vs_fp32"], r["speedup_vs_tf32"], r["mem_ratio_vs_fp32"]
+        error, naive = r["grad_err"], r["naive_grad_err"]
+        limit = GRAD_ERR_MAX.get(r["precision"])
+        accurate = (None if limit is None or not (_finite(error) and _finite(naive))
+                    else error <= naive and error <= limit)  # fmt: skip
+        colour = colours.get(r["competitor"], "#777")
+        rows.append([
+            f'<td class="name" id="{cell_anchor(gpu, r["competitor"], cell)}"><span class="swatch" '
+            f'style="background:{colour}"></span>{_esc(r["competitor"])}</td>',
+            f"<td>{_esc(cell)}</td>",
+            f'<td style="text-align:right">{_fmt(r["time_ms"], 4)}</td>',
+            _ratio_td(speed, speed >= SPEEDUP_MIN if _finite(speed) else None),
+            _ratio_td(tf32, None),
+            _ratio_td(memory, memory <= MEMORY_RATIO_MAX if _finite(memory) else None),
+            _error_td(error, accurate),
+            _error_td(naive, None),
+            f"<td><small>{_esc(r['note'])}</small></td>",
+        ])  # fmt: skip
+    header = ["competitor", "cell", "time (ms)", "speedup vs torchdiffeq-fp32", "speedup vs torchdiffeq-tf32",
+              "memory vs torchdiffeq-fp32", "gradient error", "naive recipe's error", "baselines that did not run"]
+    what = "1 cell" if len(rows) == 1 else f"{len(rows)} cells"
+    return (f"<details><summary>Every cell behind these claims ({what}; green: meets its claim's threshold, "
+            f"red: does not)</summary>"
+            f'<div class="scroll">{_table(header, rows, raw=True)}</div></details>')  # fmt: skip
 
 
 def _short_path(path: str) -> str:
