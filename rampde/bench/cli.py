@@ -340,7 +340,7 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- targets
 
-_VERDICT_STYLE = {"met": "green", "missed": "bold red", "not measured": "yellow"}
+_VERDICT_STYLE = {"met": "green", "met where measured": "green", "missed": "bold red", "not measured": "yellow"}
 
 
 def _print_targets(table, console) -> None:

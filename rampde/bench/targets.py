@@ -55,6 +55,7 @@ SUMMARY_COLUMNS = ["gpu", "target", "description", "status", "worst", "worst_com
                    "comparison", "threshold", "cells", "met_cells", "missed_cells", "unmeasured_cells", "note"]
 NAMED, BEST = "named", "best variant"
 MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
+MET_WHERE_MEASURED = "met where measured"  # a target's status: no cell missed, some met, some not measured
 # The rampde competitors the every-cell targets expect on every GPU (the perf suite runs them);
 # any other rampde-* competitor present in the results is judged too.
 EXPECTED_RAMPDE = ("rampde-fp16", "rampde-bf16", "rampde-fp16-fast", "rampde-bf16-fast")
@@ -419,7 +420,8 @@ def _summary_row(target: Target, gpu: str, rows: pd.DataFrame) -> dict:
     met = named["met"].map(lambda m: m is True)
     missed = named["met"].map(lambda m: m is False)
     unmeasured = ~(met | missed)
-    status = MISSED if missed.any() else NOT_MEASURED if unmeasured.any() else MET
+    status = (MISSED if missed.any() else MET if not unmeasured.any()
+              else MET_WHERE_MEASURED if met.any() else NOT_MEASURED)
     pool = named[missed] if status == MISSED else named[met]
     worst = _worst(target, pool)
     notes: list[str] = []
@@ -443,8 +445,8 @@ def _summary_row(target: Target, gpu: str, rows: pd.DataFrame) -> dict:
 def targets_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (gpu, target) of an ``evaluate_targets`` table (``SUMMARY_COLUMNS``).
 
-    ``status``: "missed" when a named row misses, else "not measured" when one was not
-    measured, else "met". ``worst`` is the figure furthest from the threshold among the rows that
+    ``status``: "missed" when a named row misses, else "met" when every one was measured and
+    met, "met where measured" when some were not measured, "not measured" when none was. ``worst`` is the figure furthest from the threshold among the rows that
     decide the status (the misses, or the passes), with its competitor and cell; ``note`` names who
     missed, whether only a faster variant meets the target, and what was not measured.
     """

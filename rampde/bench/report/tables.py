@@ -196,13 +196,14 @@ def _parity_html(table: pd.DataFrame) -> str:
 
 
 def targets_html(summary: pd.DataFrame) -> str:
-    """Issue 8's targets on one GPU: one row per target (``targets.targets_summary``), marked met,
-    missed or not measured, with the figure furthest from its threshold and that figure's cell."""
+    """The performance targets on one GPU: one row per target (``targets.targets_summary``), marked
+    met, met where measured, missed or not measured, with the figure furthest from its threshold and
+    that figure's cell."""
     from rampde.bench.targets import format_value
 
     if summary.empty:
         return '<p class="empty">No target could be judged: no results for this GPU.</p>'
-    css = {"met": "held", "missed": "not-held", "not measured": "no-verdict"}
+    css = {"met": "held", "met where measured": "held", "missed": "not-held", "not measured": "no-verdict"}
     rows = []
     for r in summary.to_dict("records"):
         worst = format_value(r["target"], r["worst"])
