@@ -327,7 +327,8 @@ def test_dashboard_content(dashboard: Path) -> None:
     # training metric against epoch and against wall time (rampde.bench.training's figures)
     if importlib.util.find_spec("rampde.bench.training") is not None:
         assert len(GRAPH_DIV.findall(text)) == 15
-        assert "Δ vs torchdiffeq-fp32" in text  # the training parity table
+        assert "against torchdiffeq-fp32 at that epoch" in text  # the training parity table
+        assert "-1.00 points (worse; goal: ≥ -0.3)" in text  # rampde-bf16's digits run, 1 point below
     else:
         assert len(GRAPH_DIV.findall(text)) == 13 and "need rampde.bench.training" in text
     assert text.index("Claims of the paper") < text.index("-time-steps")
@@ -576,3 +577,17 @@ def test_screenshot_of_a_missing_dashboard(tmp_path: Path) -> None:
         screenshot_dashboard(tmp_path / "none.html", tmp_path / "x.png")
     with pytest.raises(ValueError, match="at least 200x200"):
         screenshot_dashboard(tmp_path / "none.html", tmp_path / "x.png", width=100)
+
+
+@pytest.mark.parametrize("metric, final, delta, text, ok", [
+    ("accuracy", 0.970, -0.002, "-0.20 points (worse; goal: ≥ -0.3)", True),
+    ("accuracy", 0.966, -0.004, "-0.40 points (worse; goal: ≥ -0.3)", False),
+    ("accuracy", 0.975, 0.003, "+0.30 points (better; goal: ≥ -0.3)", True),
+    ("nll", 2.03, 0.03, "+1.50% (worse; goal: ≤ +1%)", False),
+    ("nll", 1.99, -0.01, "-0.50% (better; goal: ≤ +1%)", True),
+    ("accuracy", 0.97, math.nan, "—", None),  # no baseline at that epoch
+])
+def test_training_parity_is_read_against_its_goal(metric, final, delta, text, ok) -> None:
+    from rampde.bench.report.tables import parity_verdict
+
+    assert parity_verdict(metric, final, delta) == (text, ok)

@@ -182,17 +182,53 @@ def _failures_html(results: pd.DataFrame) -> str:
     return f"<details><summary>{what} not run to completion</summary>{table}</details>"
 
 
+PARITY_ACCURACY_POINTS = 0.3  # training parity's goal: within 0.3 points of fp32's test accuracy...
+PARITY_NLL_RELATIVE = 0.01  # ...and within 1% of its test NLL
+
+
+def parity_verdict(metric_name: str, final: float, delta: float) -> tuple[str, bool | None]:
+    """How a run's final metric compares with torchdiffeq-fp32's at the same epoch, in words, and
+    whether it is within the parity goal (None where there is no goal or no baseline).
+
+    Accuracy (a fraction, higher is better): the difference in points, within the goal when it is
+    no more than ``PARITY_ACCURACY_POINTS`` below. NLL (lower is better): the difference relative
+    to the baseline's, within the goal when it is no more than ``PARITY_NLL_RELATIVE`` above.
+    """
+    if not (_finite(final) and _finite(delta)):
+        return "—", None
+    if metric_name == "accuracy":
+        points = 100 * delta
+        word = "better" if points > 0 else "worse" if points < 0 else "equal"
+        ok = points >= -PARITY_ACCURACY_POINTS
+        return f"{points:+.2f} points ({word}; goal: ≥ -{PARITY_ACCURACY_POINTS:g})", ok
+    if metric_name == "nll":
+        base = final - delta
+        if not (_finite(base) and base != 0):
+            return "—", None
+        relative = 100 * delta / abs(base)
+        word = "worse" if relative > 0 else "better" if relative < 0 else "equal"
+        ok = relative <= 100 * PARITY_NLL_RELATIVE
+        return f"{relative:+.2f}% ({word}; goal: ≤ +{100 * PARITY_NLL_RELATIVE:g}%)", ok
+    return f"{delta:+.4g}", None
+
+
 def _parity_html(table: pd.DataFrame) -> str:
-    """The final test metric of each training run against torchdiffeq-fp32's."""
-    rows = [[
-        r["task"], r["competitor"], f"{r['metric_name']} {_fmt(r['final_metric'])}",
-        _fmt(r["delta_vs_fp32"]), _fmt(r["wall_s"]),
-        f"{r['peak_mem_bytes'] / 2**20:.4g}" if _finite(r["peak_mem_bytes"]) else "—",
-        _fmt(r["skipped_steps"]), _fmt(r["scaler_retries"]), _fmt(r["epochs"]), _fmt(r["seeds"]),
-    ] for r in table.to_dict("records")]  # fmt: skip
-    header = ["task", "competitor", "final test metric", "Δ vs torchdiffeq-fp32 at that epoch", "wall (s)",
+    """The final test metric of each training run against torchdiffeq-fp32's, with the parity goal."""
+    rows = []
+    for r in table.to_dict("records"):
+        text, ok = parity_verdict(r["metric_name"], r["final_metric"], r["delta_vs_fp32"])
+        if r["competitor"] == "torchdiffeq-fp32":
+            text, ok = "the baseline", None
+        css = "" if ok is None else ' class="held"' if ok else ' class="not-held"'
+        cells = [
+            r["task"], r["competitor"], f"{r['metric_name']} {_fmt(r['final_metric'])}", None, _fmt(r["wall_s"]),
+            f"{r['peak_mem_bytes'] / 2**20:.4g}" if _finite(r["peak_mem_bytes"]) else "—",
+            _fmt(r["skipped_steps"]), _fmt(r["scaler_retries"]), _fmt(r["epochs"]), _fmt(r["seeds"]),
+        ]  # fmt: skip
+        rows.append([f"<td{css}>{_esc(text)}</td>" if c is None else f"<td>{_esc(c)}</td>" for c in cells])
+    header = ["task", "competitor", "final test metric", "against torchdiffeq-fp32 at that epoch", "wall (s)",
               "peak (MiB)", "skipped steps", "adjoint retries", "epochs", "seeds"]  # fmt: skip
-    return f'<div class="scroll">{_table(header, rows)}</div>'
+    return f'<div class="scroll">{_table(header, rows, raw=True)}</div>'
 
 
 def targets_html(summary: pd.DataFrame) -> str:
