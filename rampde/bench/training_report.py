@@ -47,11 +47,17 @@ def _final_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def training_figures(df: pd.DataFrame, colors: Mapping[str, str] | None = None) -> list[tuple[str, Any]]:
     """Per task: the test metric against epoch and against training wall time, one line per
-    competitor (the mean over seeds when several), a fixed colour per competitor.
+    competitor (the mean over seeds when several), a fixed colour per competitor and a dash and
+    marker per precision (equal curves of fp16 and bf16 both show). Hovering names the
+    competitor in full, the epoch, the wall time and the metric.
 
     Returns ``[(title, plotly.graph_objects.Figure), ...]``.
     """
+    import html
+
     import plotly.graph_objects as go
+
+    from .report.figures import line_style
 
     palette = {**_default_colors(), **(colors or {})}
     figures: list[tuple[str, Any]] = []
@@ -66,11 +72,19 @@ def training_figures(df: pd.DataFrame, colors: Mapping[str, str] | None = None) 
             fig = go.Figure()
             for name in _ordered(curves["competitor"].unique()):
                 c = curves[curves["competitor"] == name]
-                fig.add_trace(go.Scatter(x=c[x], y=c["test_metric"], mode="lines+markers", name=name,
-                                         line={"color": palette.get(name)}))
+                style = line_style(name)
+                fig.add_trace(go.Scatter(
+                    x=c[x], y=c["test_metric"], mode="lines+markers", name=name,
+                    line={"color": palette.get(name), "dash": style["dash"]},
+                    marker={"symbol": style["symbol"], "size": style["size"]},
+                    customdata=c[["epoch", "wall_s"]].to_numpy(),
+                    hovertemplate=(f"<b>{html.escape(name)}</b><br>epoch %{{customdata[0]}}<br>"
+                                   f"training wall time %{{customdata[1]:.4g}} s<br>{label} %{{y:.4g}}"
+                                   "<extra></extra>"),
+                ))
             title = f"{task}: {label} against {what}"
             fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=label, legend_title="competitor",
-                              template="plotly_white")
+                              template="plotly_white", hoverlabel={"namelength": -1})
             figures.append((title, fig))
     return figures
 
