@@ -106,14 +106,21 @@ def _end_failed_capture(device: torch.device, handle: tuple) -> None:
     """Takes a failed capture's pool off the allocator's list of captures underway: torch 2.11's
     ``capture_end`` does so only for a capture that succeeded, and ``torch.cuda.empty_cache()``
     then fails an assert that the list is empty. A no-op where torch took it off itself, where the
-    capture never began, and in torch versions without this call."""
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    capture never began, and in torch versions without the call (its name before torch 2.8:
+    ``_cuda_endAllocateCurrentStreamToPool``).
+
+    The failed graph keeps its hold on the pool (torch gives it back only for a capture that
+    ended), so that pool's memory stays reserved for the process: a leak on this error path only,
+    which is safer than releasing a hold that a newer torch may already have released.
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
     if end is None:
         return
     try:
         end(_index(device), handle)
-    except RuntimeError:  # "not currently recording to mempool_id"
-        log.debug("no capture underway into pool %s", handle)
+    except (RuntimeError, TypeError) as exc:  # "not currently recording to mempool_id"; another signature
+        log.debug("no capture underway into pool %s: %s", handle, exc)
 
 
 def release_graph_pools() -> int:

@@ -97,6 +97,7 @@ def test_blocks_hold_the_gpu_tables_and_no_cpu_row(repo: Path):
     assert "| NVIDIA H200 | speed-bf16-vs-tf32 |" in targets and "### Performance targets" not in targets
     training = text[text.index("<!-- results:training -->"):text.index("<!-- /results:training -->")]
     assert "| digits | rampde-bf16 | 2 | 0.9480 (accuracy) | -0.20 points (worse; goal: ≥ -0.3) |" in training
+    assert "| digits | torchdiffeq-fp32 | 2 | 0.9500 (accuracy) | the baseline |" in training
     assert "0.1000" not in training  # the CPU run is not a GPU result
     assert "comes with the first committed GPU results" in text
     assert readme_results.main(["--readme", str(repo / "README.md"), "--check"]) == 0

@@ -376,3 +376,18 @@ def test_captures_of_a_thread_on_one_stream_share_a_pool_that_keeps_a_live_graph
     assert step_graphs.release_graph_pools() == 0
     assert all(g() is None for g in graphs), "released pools hold no graph"
     assert capture().pool == ("pool", 6)
+
+
+def test_a_failed_capture_is_ended_under_the_name_torch_before_2_8_gives_the_call(monkeypatch):
+    ended = []
+    monkeypatch.delattr(torch._C, "_cuda_endAllocateToPool", raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateCurrentStreamToPool",
+                        lambda device, handle: ended.append((device, handle)), raising=False)
+    step_graphs._end_failed_capture(torch.device("cuda", 3), ("pool", 7))
+    assert ended == [(3, ("pool", 7))]
+
+    def other_signature(device):  # a torch whose call takes other arguments: nothing to end, no error
+        raise AssertionError("not called with one argument")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", other_signature)
+    step_graphs._end_failed_capture(torch.device("cuda", 3), ("pool", 7))

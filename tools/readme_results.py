@@ -118,12 +118,12 @@ def targets_block(df: pd.DataFrame) -> str:
 
 
 def _training_section(gpu: str, rows: pd.DataFrame) -> list[str]:
-    from rampde.bench.report.tables import parity_verdict
+    from rampde.bench.report.tables import parity_of
     from rampde.bench.training import parity_table
 
     table = [[r["task"], r["competitor"], r["epochs"],
               f"{r['final_metric']:.4f} ({'accuracy' if r['metric_name'] == 'accuracy' else 'NLL'})",
-              parity_verdict(r["metric_name"], r["final_metric"], r["delta_vs_fp32"])[0], _number(r["wall_s"]),
+              parity_of(r)[0], _number(r["wall_s"]),
               int(r["skipped_steps"])] for r in parity_table(rows).to_dict("records")]
     header = ["task", "competitor", "epochs", "final", "vs fp32 at that epoch", "wall s", "skipped steps"]
     return [f"**{gpu}** (torch {_join(rows['torch'].astype(str))}, commit {_commits(rows)}):", "",

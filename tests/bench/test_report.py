@@ -586,8 +586,23 @@ def test_screenshot_of_a_missing_dashboard(tmp_path: Path) -> None:
     ("nll", 2.03, 0.03, "+1.50% (worse; goal: ≤ +1%)", False),
     ("nll", 1.99, -0.01, "-0.50% (better; goal: ≤ +1%)", True),
     ("accuracy", 0.97, math.nan, "—", None),  # no baseline at that epoch
+    ("accuracy", 0.897, 0.897 - 0.9, "-0.30 points (worse; goal: ≥ -0.3)", True),  # exactly at the goal
+    ("nll", 1.01, 1.01 - 1.0, "+1.00% (worse; goal: ≤ +1%)", True),
 ])
 def test_training_parity_is_read_against_its_goal(metric, final, delta, text, ok) -> None:
     from rampde.bench.report.tables import parity_verdict
 
     assert parity_verdict(metric, final, delta) == (text, ok)
+
+
+def test_a_cell_beating_a_naive_run_that_was_not_finite_is_green() -> None:
+    from rampde.bench.report.tables import claim_cells_html
+
+    per_cell = pd.DataFrame([{
+        "gpu": "G", "competitor": "rampde-bf16", "precision": "bf16", "workload": "mlp", "method": "rk4",
+        "width": 8, "batch": 8, "steps": 4, "time_ms": 1.0, "speedup_vs_fp32": math.nan,
+        "speedup_vs_tf32": math.nan, "mem_ratio_vs_fp32": math.nan, "grad_err": 0.002,
+        "grad_err_y0": 0.001, "naive_grad_err": math.inf, "nocache_grad_err": math.nan, "note": "",
+    }])  # fmt: skip
+    text = claim_cells_html(per_cell, {"rampde-bf16": "#000"}, "G")
+    assert '<td class="held" style="text-align:right">0.2%</td>' in text

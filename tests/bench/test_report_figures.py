@@ -75,6 +75,16 @@ def test_memory_bars_show_the_largest_cell_where_fp32_ran() -> None:
     assert oom.text == ("OOM",) and oom.marker.pattern.shape == "x"
 
 
+def test_memory_bars_without_an_fp32_peak_show_no_ratio() -> None:
+    """fp32 ran but its peak is missing (a run without the allocator's figure): no 'nan× fp32'."""
+    cells = _grid()
+    cells.loc[cells["competitor"] == "torchdiffeq-fp32", "peak_mem_bytes"] = math.nan
+    fig = memory_bars(cells, _colours(cells))
+    assert fig.layout.annotations[0].text.endswith("(no fp32 peak)")
+    labels = [t.text[0] for t in fig.data if t.type == "bar" and t.text]
+    assert labels and not any("nan" in label or "× fp32" in label for label in labels), labels
+
+
 def test_memory_bars_legend_shows_plain_colours() -> None:
     """An OOM bar first (mlp), a measured one later (conv); fp32 never measured anywhere."""
     oom = {("autocast-fp16", "mlp", 256, 64)} | {
@@ -93,7 +103,7 @@ def test_memory_bars_legend_shows_plain_colours() -> None:
     ranks = [legend[c].legendrank for c in COMPETITORS]
     assert ranks == sorted(ranks)  # the legend keeps the palette's order
     assert [a.text for a in fig.layout.annotations] == [
-        "mlp w=256 b=64 N=64 (no fp32 run)", "conv w=256 b=64 N=64 (no fp32 run)",
+        "mlp w=256 b=64 N=64 (no fp32 peak)", "conv w=256 b=64 N=64 (no fp32 peak)",
     ]  # fmt: skip
 
 

@@ -290,14 +290,14 @@ def memory_bars(cells: pd.DataFrame, colours: dict[str, str]) -> go.Figure | Non
     top = max(float(r["peak_mem_bytes"].max()) for _, _, r in panels)
     div, unit = _mem_unit(top)
     order = competitor_order(pd.concat([r["competitor"] for _, _, r in panels]))
-    titles = [cell_label(c) + ("" if base else " (no fp32 run)") for c, base, _ in panels]
+    titles = [cell_label(c) + ("" if base else " (no fp32 peak)") for c, base, _ in panels]
     fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, horizontal_spacing=0.04,
                         subplot_titles=titles)  # fmt: skip
     seen: set[str] = set()
     for col, (_, _, rows) in enumerate(panels, start=1):
         high = float(rows["peak_mem_bytes"].max()) / div
-        fp32 = rows[(rows["competitor"] == BASELINE_FP32) & (rows["status"] == "ok")]
-        base = float(fp32["peak_mem_bytes"].iloc[0]) if len(fp32) else None
+        fp32 = [r for r in rows[rows["competitor"] == BASELINE_FP32].to_dict("records") if _measured(r)]
+        base = float(fp32[0]["peak_mem_bytes"]) if fp32 else None
         for comp in [c for c in order if c in set(rows["competitor"])]:
             rec = rows[rows["competitor"] == comp].iloc[0].to_dict()
             bar = _memory_bar(rec, colours[comp], div, unit, high, base)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .claims import GRAD_ERR_MAX, MEMORY_RATIO_MAX, SPEEDUP_MIN
+from .claims import BASELINE_FP32, GRAD_ERR_MAX, MEMORY_RATIO_MAX, SPEEDUP_MIN
 from .schema import ENV_COLUMNS
 from .style import _esc, _finite, _fmt, cell_label, competitor_order, slug
 
@@ -109,7 +109,8 @@ def claim_cells_html(per_cell: pd.DataFrame, colours: dict[str, str], gpu: str) 
         speed, tf32, memory = r["speedup_vs_fp32"], r["speedup_vs_tf32"], r["mem_ratio_vs_fp32"]
         error, naive = r["grad_err"], r["naive_grad_err"]
         limit = GRAD_ERR_MAX.get(r["precision"])
-        accurate = (None if limit is None or not (_finite(error) and _finite(naive))
+        # an infinite naive error is a naive run that was not finite: ours beats it (as compute_claims says)
+        accurate = (None if limit is None or not _finite(error) or math.isnan(naive)
                     else error <= naive and error <= limit)  # fmt: skip
         colour = colours.get(r["competitor"], "#777")
         rows.append([
@@ -199,7 +200,7 @@ def parity_verdict(metric_name: str, final: float, delta: float) -> tuple[str, b
     if metric_name == "accuracy":
         points = 100 * delta
         word = "better" if points > 0 else "worse" if points < 0 else "equal"
-        ok = points >= -PARITY_ACCURACY_POINTS
+        ok = round(points, 9) >= -PARITY_ACCURACY_POINTS  # rounded: a run exactly at the goal meets it
         return f"{points:+.2f} points ({word}; goal: ≥ -{PARITY_ACCURACY_POINTS:g})", ok
     if metric_name == "nll":
         base = final - delta
@@ -207,18 +208,23 @@ def parity_verdict(metric_name: str, final: float, delta: float) -> tuple[str, b
             return "—", None
         relative = 100 * delta / abs(base)
         word = "worse" if relative > 0 else "better" if relative < 0 else "equal"
-        ok = relative <= 100 * PARITY_NLL_RELATIVE
+        ok = round(relative, 9) <= 100 * PARITY_NLL_RELATIVE
         return f"{relative:+.2f}% ({word}; goal: ≤ +{100 * PARITY_NLL_RELATIVE:g}%)", ok
     return f"{delta:+.4g}", None
+
+
+def parity_of(row: dict) -> tuple[str, bool | None]:
+    """``parity_verdict`` of a ``parity_table`` row; torchdiffeq-fp32's own row is the baseline."""
+    if row["competitor"] == BASELINE_FP32:
+        return "the baseline", None
+    return parity_verdict(row["metric_name"], row["final_metric"], row["delta_vs_fp32"])
 
 
 def _parity_html(table: pd.DataFrame) -> str:
     """The final test metric of each training run against torchdiffeq-fp32's, with the parity goal."""
     rows = []
     for r in table.to_dict("records"):
-        text, ok = parity_verdict(r["metric_name"], r["final_metric"], r["delta_vs_fp32"])
-        if r["competitor"] == "torchdiffeq-fp32":
-            text, ok = "the baseline", None
+        text, ok = parity_of(r)
         css = "" if ok is None else ' class="held"' if ok else ' class="not-held"'
         cells = [
             r["task"], r["competitor"], f"{r['metric_name']} {_fmt(r['final_metric'])}", None, _fmt(r["wall_s"]),
