@@ -45,6 +45,17 @@ PLAN = (
 )
 
 
+def meets_claim(claim: str, value, other=math.nan, limit: float = math.nan):
+    """Whether a cell's figure meets its claim's threshold: a speedup at least ``SPEEDUP_MIN``, a
+    memory ratio at most ``MEMORY_RATIO_MAX``, a gradient error at most the naive recipe's
+    (``other``) and at most ``limit``. Takes floats or Series alike."""
+    if claim in ("speedup", "speedup_tf32"):
+        return value >= SPEEDUP_MIN
+    if claim == "memory":
+        return value <= MEMORY_RATIO_MAX
+    return (value <= other) & (value <= limit)
+
+
 def _judged(per_cell: pd.DataFrame, value: str, other: str | None) -> pd.DataFrame:
     """The cells that allow a verdict: columns ``value``, ``other`` (the naive recipe's error, or
     NaN) and ``cell`` (its label); a non-finite naive run is already an infinite error there."""
@@ -77,15 +88,9 @@ def _claim_row(
     if judged.empty:
         return row
     value = judged["value"]
-    if claim in ("speedup", "speedup_tf32"):
-        best_i, worst_i = value.idxmax(), value.idxmin()
-        meets = value >= SPEEDUP_MIN
-    elif claim == "memory":
-        best_i, worst_i = value.idxmin(), value.idxmax()
-        meets = value <= MEMORY_RATIO_MAX
-    else:
-        best_i, worst_i = value.idxmin(), value.idxmax()
-        meets = (value <= judged["other"]) & (value <= limit)
+    faster = claim in ("speedup", "speedup_tf32")  # higher is better; memory and error: lower
+    best_i, worst_i = (value.idxmax(), value.idxmin()) if faster else (value.idxmin(), value.idxmax())
+    meets = meets_claim(claim, value, judged["other"], limit)
     row.update(
         n_meeting=int(meets.sum()),
         best=float(value[best_i]), best_cell=judged.at[best_i, "cell"],
@@ -121,7 +126,7 @@ def _baseline_oom_cells(gpu_cells: pd.DataFrame, ours: str, against: str) -> int
     return len(mine.merge(oom, on=keys))
 
 
-def compute_claims(df: pd.DataFrame) -> pd.DataFrame:
+def compute_claims(df: pd.DataFrame, per_cell: pd.DataFrame | None = None) -> pd.DataFrame:
     """The paper's claims per GPU model and ``rampde-*`` competitor, judged on the results.
 
     The figures are ``results.claims``' per cell (the newest ok row of each cell): speedup =
@@ -130,12 +135,14 @@ def compute_claims(df: pd.DataFrame) -> pd.DataFrame:
     autocast recipe of the same precision. ``held`` is True/False, or None when no cell allows a
     verdict (``note`` says why) or when the row is reported without a claim. The best and the
     worst cell are named with their value; ``baseline_oom`` counts the cells where ours ran and
-    the baseline ran out of memory (they have no ratio).
+    the baseline ran out of memory (they have no ratio). ``per_cell`` is ``results.claims(df)``
+    when the caller has it already.
     """
     rows: list[dict] = []
     if df.empty:
         return pd.DataFrame(rows, columns=list(_claim_row("", "", "speedup", "", pd.DataFrame())))
-    cells, per_cell = latest_cells(df), claims(df)
+    cells = latest_cells(df)
+    per_cell = claims(df) if per_cell is None else per_cell
     for gpu in sorted(cells["gpu"].unique()):
         gpu_cells = cells[cells["gpu"] == gpu]
         names = competitor_order(gpu_cells["competitor"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.offline
 
-from ..results import atomic_write
+from ..results import atomic_write, claims as per_cell_claims
 from .claims import compute_claims
 from .loading import load_asv, load_results, load_timelines, load_training
 from .sections import _Figures, _sections, section_html
@@ -204,7 +204,8 @@ def build_dashboard(
     if asv is not None:
         everyone |= set(asv["competitor"]) - {""}
     colours = competitor_colours(everyone)
-    claims = compute_claims(df)
+    per_cell = per_cell_claims(df)  # once: the verdicts and each tab's table behind them
+    claims = compute_claims(df, per_cell)
     targets = _targets_summary(df)
     figures = _Figures()
     bodies = []
@@ -212,8 +213,10 @@ def build_dashboard(
         for notice in section.notices:
             log.warning("%s: %s", section.gpu, notice)
         mine = claims[claims["gpu"].map(slug) == slug(section.gpu)] if len(claims) else claims
+        cells = per_cell[per_cell["gpu"].map(slug) == slug(section.gpu)] if len(per_cell) else per_cell
         goals = None if targets is None else targets[targets["gpu"].map(slug) == slug(section.gpu)]
-        bodies.append((section.gpu, section.anchor, section_html(section, mine, colours, figures, goals)))
+        bodies.append((section.gpu, section.anchor,
+                       section_html(section, mine, colours, figures, goals, cell_claims=cells)))
     if not sections:
         nothing = '<p class="empty">Nothing to show: no results, no asv history.</p>'
         body = f'<section class="gpu" id="gpu-none">{nothing}</section>'

@@ -82,10 +82,12 @@ def training_html(training: pd.DataFrame, colours: dict[str, str], figures: _Fig
 
 
 def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str],
-                 figures: _Figures, targets: pd.DataFrame | None = None) -> str:  # fmt: skip
+                 figures: _Figures, targets: pd.DataFrame | None = None,
+                 cell_claims: pd.DataFrame | None = None) -> str:  # fmt: skip
     """One GPU model's tab: claims, targets, time, memory, accuracy, timelines, training, asv, env.
 
     ``targets`` is this GPU's ``targets.targets_summary``; None leaves the targets table out.
+    ``cell_claims`` is this GPU's ``results.claims`` (computed here when not given).
     """
     res, sid = section.results, section.anchor
     cells = latest_cells(res)
@@ -97,7 +99,8 @@ def section_html(section: Section, claims: pd.DataFrame, colours: dict[str, str]
         where = "on the CPU" if section.gpu == "cpu" else "on this GPU"
         parts.append(f"<h3>Claims of the paper {where}</h3>")
         parts.append(claims_html(claims, colours))
-        parts.append(claim_cells_html(per_cell_claims(res), colours, section.gpu))
+        cell_claims = per_cell_claims(res) if cell_claims is None else cell_claims
+        parts.append(claim_cells_html(cell_claims, colours, section.gpu))
         parts.append(
             '<p class="note">Speedup = time of the baseline / time of rampde in the same cell '
             "(workload, width, batch, steps; its newest successful run); memory ratio = peak allocator memory of rampde / "

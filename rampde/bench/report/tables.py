@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .claims import BASELINE_FP32, GRAD_ERR_MAX, MEMORY_RATIO_MAX, SPEEDUP_MIN
+from .claims import BASELINE_FP32, GRAD_ERR_MAX, meets_claim
 from .schema import ENV_COLUMNS
 from .style import _esc, _finite, _fmt, cell_label, competitor_order, slug
 
@@ -85,15 +85,18 @@ def claims_html(claims: pd.DataFrame, colours: dict[str, str]) -> str:
     return f'<div class="scroll">{_table(header, rows, raw=True)}</div>'
 
 
-def _ratio_td(value: float, meets: bool | None) -> str:
+def _judged_td(text: str, meets: bool | None) -> str:
+    """A figure's cell, green where it meets its claim's threshold, red where not, plain for None."""
     css = "" if meets is None else ' class="held"' if meets else ' class="not-held"'
-    return f'<td{css} style="text-align:right">{_fmt(value, 3)}{"×" if _finite(value) else ""}</td>'
-
-
-def _error_td(value: float, meets: bool | None) -> str:
-    css = "" if meets is None else ' class="held"' if meets else ' class="not-held"'
-    text = f"{100 * value:.3g}%" if _finite(value) else _fmt(value)
     return f'<td{css} style="text-align:right">{text}</td>'
+
+
+def _ratio(value: float) -> str:
+    return f"{_fmt(value, 3)}×" if _finite(value) else _fmt(value)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.3g}%" if _finite(value) else _fmt(value)
 
 
 def claim_cells_html(per_cell: pd.DataFrame, colours: dict[str, str], gpu: str) -> str:
@@ -111,18 +114,18 @@ def claim_cells_html(per_cell: pd.DataFrame, colours: dict[str, str], gpu: str) 
         limit = GRAD_ERR_MAX.get(r["precision"])
         # an infinite naive error is a naive run that was not finite: ours beats it (as compute_claims says)
         accurate = (None if limit is None or not _finite(error) or math.isnan(naive)
-                    else error <= naive and error <= limit)  # fmt: skip
+                    else bool(meets_claim("accuracy", error, naive, limit)))  # fmt: skip
         colour = colours.get(r["competitor"], "#777")
         rows.append([
             f'<td class="name" id="{cell_anchor(gpu, r["competitor"], cell)}"><span class="swatch" '
             f'style="background:{colour}"></span>{_esc(r["competitor"])}</td>',
             f"<td>{_esc(cell)}</td>",
             f'<td style="text-align:right">{_fmt(r["time_ms"], 4)}</td>',
-            _ratio_td(speed, speed >= SPEEDUP_MIN if _finite(speed) else None),
-            _ratio_td(tf32, None),
-            _ratio_td(memory, memory <= MEMORY_RATIO_MAX if _finite(memory) else None),
-            _error_td(error, accurate),
-            _error_td(naive, None),
+            _judged_td(_ratio(speed), meets_claim("speedup", speed) if _finite(speed) else None),
+            _judged_td(_ratio(tf32), None),
+            _judged_td(_ratio(memory), meets_claim("memory", memory) if _finite(memory) else None),
+            _judged_td(_percent(error), accurate),
+            _judged_td(_percent(naive), None),
             f"<td><small>{_esc(r['note'])}</small></td>",
         ])  # fmt: skip
     header = ["competitor", "cell", "time (ms)", "speedup vs torchdiffeq-fp32", "speedup vs torchdiffeq-tf32",
