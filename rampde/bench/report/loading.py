@@ -29,11 +29,12 @@ class NotACsv(ValueError):
     """A file given as a table that does not parse as CSV; its message is the dashboard's notice."""
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, kind: str = "file") -> pd.DataFrame:
     """A CSV as a DataFrame (text columns kept as text: CUDA "12.10" is not 12.1); an empty file
-    gives an empty frame; a missing one raises."""
+    gives an empty frame; a missing one raises FileNotFoundError naming it ("<kind> not found");
+    one that does not parse raises NotACsv."""
     if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
+        raise FileNotFoundError(f"{kind} not found: {path}")
     try:
         return pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS})
     except pd.errors.EmptyDataError:
@@ -76,10 +77,8 @@ def load_results(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     frames: list[pd.DataFrame] = []
     notices: list[str] = []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"results file not found: {path}")
         try:
-            frame = _read_csv(path)
+            frame = _read_csv(path, "results file")
         except NotACsv as exc:
             notices.append(str(exc))
             continue
@@ -225,10 +224,8 @@ def load_training(paths: Sequence[Path]) -> tuple[pd.DataFrame, list[str]]:
     """The per-epoch rows of ``training.csv`` files, with notices about unusable ones."""
     frames, notices = [], []
     for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"training file not found: {path}")
         try:
-            df = _read_csv(path)
+            df = _read_csv(path, "training file")
         except NotACsv as exc:
             notices.append(f"Training file {exc}")
             continue
